@@ -1,0 +1,52 @@
+// The decoder interface every backend implements: one forward step over a batch of sequences,
+// each with its own new tokens, start position and block table into a paged KV pool.
+// Prefill chunks and single decode tokens mix freely in one batch. The backend never owns KV
+// lifetime: the caller (memory manager or a test) hands it the pool view and block tables.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "den/kernels/paged_kv.h"
+
+namespace den::engine {
+
+class Model;
+
+enum class LogitsWanted : uint8_t { none, last, all };
+
+struct SequenceInput {
+  std::span<const int32_t> tokens;  // new tokens, at positions [start_position, start_position + n)
+  int32_t start_position = 0;       // tokens already in the KV cache before this step
+  std::span<const int32_t> block_table;  // blocks covering start_position + tokens.size() tokens
+  LogitsWanted logits = LogitsWanted::last;
+};
+
+struct StepOutput {
+  int32_t n_vocab = 0;
+  std::vector<float> logits;        // [rows, n_vocab]
+  std::vector<int32_t> first_row;   // per sequence: its first row in `logits` (-1 if none)
+  std::span<const float> row(size_t r) const {
+    return {logits.data() + r * static_cast<size_t>(n_vocab), static_cast<size_t>(n_vocab)};
+  }
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string_view name() const = 0;
+  // Element type this backend keeps K/V in.
+  virtual kernels::KvDtype kv_dtype() const = 0;
+  // Runs one step. Throws std::invalid_argument for a malformed batch (token id out of range,
+  // block table too short, layout mismatch) before touching the KV pool.
+  virtual void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out) = 0;
+};
+
+// The C++ reference backend: float32 arithmetic, weights expanded from their GGUF format on
+// the fly, multi-threaded. Results of a sequence do not depend on the rest of the batch.
+std::unique_ptr<Backend> make_cpu_backend(const Model& model, int n_threads);
+
+}  // namespace den::engine

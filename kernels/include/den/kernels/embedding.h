@@ -1,0 +1,14 @@
+// Embedding gather: one float32 row of a (possibly quantized) embedding table per token id.
+#pragma once
+
+#include <cstdint>
+
+#include "den/kernels/matmul.h"
+
+namespace den::kernels {
+
+// table: [n_vocab = table.n_out, dim = table.n_in]  ids: [n_tokens]  out: [n_tokens, dim]
+// ids must be in range (the engine validates them before any kernel runs).
+void embedding_gather_ref(const WeightMatrix& table, const int32_t* ids, int64_t n_tokens, float* out);
+
+}  // namespace den::kernels

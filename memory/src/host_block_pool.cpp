@@ -1,0 +1,99 @@
+// HostBlockPool and SequenceBlocks.
+#include "den/memory/host_block_pool.h"
+
+#include <cstdlib>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "den/kernels/half.h"
+
+namespace den::memory {
+namespace {
+
+constexpr size_t kAlignment = 64;
+
+void poison_block(void* base, const kernels::KvLayout& layout, int32_t block) {
+  const int64_t n = layout.block_elements();
+  if (layout.dtype == kernels::KvDtype::f32) {
+    float* p = static_cast<float*>(base) + block * n;
+    for (int64_t i = 0; i < n; ++i) p[i] = std::numeric_limits<float>::quiet_NaN();
+  } else {
+    // 0x7e00 is a quiet NaN in fp16, 0x7fc0 in bf16.
+    const uint16_t nan = layout.dtype == kernels::KvDtype::f16 ? 0x7e00 : 0x7fc0;
+    uint16_t* p = static_cast<uint16_t*>(base) + block * n;
+    for (int64_t i = 0; i < n; ++i) p[i] = nan;
+  }
+}
+
+}  // namespace
+
+void HostBlockPool::AlignedFree::operator()(void* p) const { std::free(p); }
+
+HostBlockPool::HostBlockPool(const kernels::KvLayout& layout, int64_t n_blocks, bool poison)
+    : layout_(layout), n_blocks_(n_blocks), poison_(poison) {
+  if (n_blocks <= 0 || n_blocks > std::numeric_limits<int32_t>::max() || layout.block_bytes() <= 0) {
+    throw std::invalid_argument("KV block pool: " + std::to_string(n_blocks) + " blocks of " +
+                                std::to_string(layout.block_bytes()) + " bytes is not a valid pool");
+  }
+  const auto bytes = static_cast<size_t>(layout.block_bytes()) * static_cast<size_t>(n_blocks);
+  void* p = std::aligned_alloc(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
+  if (p == nullptr) {
+    throw std::runtime_error("KV block pool: cannot allocate " + std::to_string(bytes) + " bytes of host memory");
+  }
+  storage_.reset(p);
+  free_.reserve(static_cast<size_t>(n_blocks));
+  // Highest id at the bottom of the stack: blocks come out in ascending order.
+  for (int64_t b = n_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+}
+
+std::optional<int32_t> HostBlockPool::allocate() {
+  if (free_.empty()) return std::nullopt;
+  const int32_t block = free_.back();
+  free_.pop_back();
+  if (poison_) poison_block(storage_.get(), layout_, block);
+  return block;
+}
+
+void HostBlockPool::release(int32_t block) { free_.push_back(block); }
+
+SequenceBlocks::~SequenceBlocks() { release_all(); }
+
+SequenceBlocks::SequenceBlocks(SequenceBlocks&& other) noexcept
+    : pool_(other.pool_), blocks_(std::exchange(other.blocks_, {})) {}
+
+SequenceBlocks& SequenceBlocks::operator=(SequenceBlocks&& other) noexcept {
+  if (this != &other) {
+    release_all();
+    pool_ = other.pool_;
+    blocks_ = std::exchange(other.blocks_, {});
+  }
+  return *this;
+}
+
+void SequenceBlocks::release_all() noexcept {
+  for (int32_t b : blocks_) pool_->release(b);
+  blocks_.clear();
+}
+
+bool SequenceBlocks::reserve(int64_t tokens) {
+  const int64_t per_block = pool_->layout().block_tokens;
+  const auto needed = static_cast<size_t>((tokens + per_block - 1) / per_block);
+  if (needed <= blocks_.size()) return true;
+  if (static_cast<int64_t>(needed - blocks_.size()) > pool_->free_blocks()) return false;
+  while (blocks_.size() < needed) blocks_.push_back(*pool_->allocate());
+  return true;
+}
+
+void SequenceBlocks::shrink_to(int64_t tokens) {
+  const int64_t per_block = pool_->layout().block_tokens;
+  const auto needed = static_cast<size_t>((tokens + per_block - 1) / per_block);
+  while (blocks_.size() > needed) {
+    pool_->release(blocks_.back());
+    blocks_.pop_back();
+  }
+}
+
+}  // namespace den::memory

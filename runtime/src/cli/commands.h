@@ -1,0 +1,23 @@
+// The `den` subcommands. Each add_*_command registers its options and its action on the
+// CLI11 application; main() only parses and reports errors. Private to runtime.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include "den/engine/sampler.h"
+
+namespace den::runtime::cli {
+
+void add_generate_command(CLI::App& app);
+void add_chat_command(CLI::App& app);
+void add_tokenize_command(CLI::App& app);
+void add_model_commands(CLI::App& app);
+void add_bench_commands(CLI::App& app);
+
+// --temp, --top-k, --top-p, --min-p, --repeat-penalty, --repeat-last-n, --presence-penalty,
+// --frequency-penalty, --seed. `seed_given` tells whether --seed was on the command line.
+void add_sampling_options(CLI::App& command, engine::SamplingParams& params, bool& seed_given);
+// Picks a random seed when none was given and says which on stderr, so a run can be repeated.
+void finalize_seed(engine::SamplingParams& params, bool seed_given);
+
+}  // namespace den::runtime::cli
