@@ -280,9 +280,11 @@ GgufFile::GgufFile(const std::string& path) : mapping_(path) {
   const auto n_tensors = cursor.read<uint64_t>("tensor count");
   const auto n_kv = cursor.read<uint64_t>("metadata count");
   // Every key-value needs at least 12 bytes, every tensor info at least 28.
-  if (n_kv > cursor.remaining() / 12) cursor.fail("metadata count " + std::to_string(n_kv) + " cannot fit in the file");
+  if (n_kv > cursor.remaining() / 12) {
+    cursor.fail("metadata count " + std::to_string(n_kv) + " cannot fit in the file (truncated or corrupt)");
+  }
   if (n_tensors > cursor.remaining() / 28) {
-    cursor.fail("tensor count " + std::to_string(n_tensors) + " cannot fit in the file");
+    cursor.fail("tensor count " + std::to_string(n_tensors) + " cannot fit in the file (truncated or corrupt)");
   }
 
   for (uint64_t k = 0; k < n_kv; ++k) {

@@ -1,0 +1,68 @@
+// Shared helpers of the test suites: where the shared models and fixtures are, running the
+// `den` binary, temporary directories, random data.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace den::test {
+
+std::string shared_path(const std::string& relative);  // ../shared/<relative>
+std::string fixture_path(const std::string& relative);
+bool file_exists(const std::string& path);
+std::string read_file(const std::string& path);
+void write_file(const std::string& path, const std::string& bytes);
+
+std::string stories_model();  // ../shared/models/stories260K/stories260K.gguf
+
+// llama2.c's published greedy output for stories260K, read from its SOURCE.md: the 64 token
+// ids after BOS and the exact stdout of `run stories260K.bin -z tok512.bin -t 0.0 -n 64`.
+struct StoriesOracle {
+  std::vector<int32_t> ids;
+  std::string stdout_text;
+};
+StoriesOracle stories_oracle();
+// The fetched default model (SmolLM2), or nullopt when it was not fetched.
+std::optional<std::string> default_model();
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+// Runs the den binary with args, feeding `input` on stdin.
+CommandResult run_den(const std::vector<std::string>& args, const std::string& input = {});
+
+// A fresh directory under the system temp dir, removed when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+std::vector<float> random_floats(std::mt19937& rng, size_t n, float stddev = 1.0f);
+
+}  // namespace den::test
+
+// Ends the test case with a message when a precondition (shared data, a fetched model, a GPU)
+// is missing. Only for inputs the test cannot make itself.
+#define DEN_SKIP_UNLESS(condition, why) \
+  do {                                  \
+    if (!(condition)) {                 \
+      MESSAGE("skipped: " << why);      \
+      return;                           \
+    }                                   \
+  } while (0)
