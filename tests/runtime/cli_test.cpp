@@ -87,6 +87,22 @@ TEST_CASE("den model new writes a runnable random model") {
   CHECK(bad.exit_code != 0);
 }
 
+TEST_CASE("den model new --vocab copies a real tokenizer, and refuses one of the wrong size") {
+  DEN_SKIP_UNLESS(den::test::file_exists(den::test::stories_model()), "../shared/models/stories260K is absent");
+  den::test::TempDir dir;
+  const std::string path = dir.file("tiny-stories-vocab.gguf");
+  REQUIRE(run_den({"model", "new", "--shape", "tiny", "--vocab", den::test::stories_model(), "-o", path}).exit_code == 0);
+  // The tokenizer is stories260K's: the same ids for the same text.
+  CHECK(run_den({"tokenize", "-m", path}, "Once upon a time").out ==
+        run_den({"tokenize", "-m", den::test::stories_model()}, "Once upon a time").out);
+  DEN_SKIP_UNLESS(den::test::file_exists(den::test::shared_path("tokenizers")), "../shared/tokenizers is absent");
+  const auto wrong = run_den({"model", "new", "--shape", "tiny", "--vocab",
+                              den::test::shared_path("tokenizers/ggml-vocab-gpt-2.gguf"), "-o", dir.file("x.gguf")});
+  CHECK(wrong.exit_code == 1);
+  CHECK(wrong.err.find("has 50257 tokens but the shape needs 512") != std::string::npos);
+  CHECK_FALSE(den::test::file_exists(dir.file("x.gguf")));
+}
+
 TEST_CASE("den chat answers on the default model") {
   const auto model = den::test::default_model();
   DEN_SKIP_UNLESS(model, "the default model (SmolLM2) is not fetched: run scripts/fetch-model");

@@ -101,19 +101,16 @@ void run_new(const NewOptions& o) {
     vocab = std::make_unique<engine::GgufFile>(o.vocab);
     options.vocab = vocab.get();
   }
+  // A TTY gets a percentage updated in place; a log gets one line per tenth.
   const bool tty = ::isatty(STDERR_FILENO) != 0;
-  int last_percent = -1;
+  int last_shown = -1;
   options.progress = [&](uint64_t done, uint64_t total) {
     const int percent = static_cast<int>(100 * done / total);
-    if (percent == last_percent) return;
-    last_percent = percent;
-    if (tty) {
-      std::fprintf(stderr, "\rwriting %s: %3d%% of %s", o.output.c_str(), percent,
-                   human_bytes(static_cast<double>(total)).c_str());
-    } else if (percent % 10 == 0) {
-      std::fprintf(stderr, "writing %s: %d%% of %s\n", o.output.c_str(), percent,
-                   human_bytes(static_cast<double>(total)).c_str());
-    }
+    const int shown = tty ? percent : percent / 10;
+    if (shown == last_shown) return;
+    last_shown = shown;
+    std::fprintf(stderr, tty ? "\rwriting %s: %3d%% of %s" : "writing %s: %d%% of %s\n", o.output.c_str(), percent,
+                 human_bytes(static_cast<double>(total)).c_str());
   };
   engine::write_random_model(shape, options, o.output);
   if (tty) std::fprintf(stderr, "\n");
