@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <csignal>
 #include <fstream>
 #include <sstream>
@@ -19,8 +20,24 @@ extern char** environ;
 
 namespace den::test {
 
-std::string shared_path(const std::string& relative) { return std::string(DEN_SHARED_DIR) + "/" + relative; }
-std::string fixture_path(const std::string& relative) { return std::string(DEN_FIXTURES_DIR) + "/" + relative; }
+namespace {
+
+// Paths are compiled in; the environment may override them when the binaries run elsewhere
+// (the GPU machine gets a copy of the tree at another path).
+std::string configured(const char* variable, const char* compiled) {
+  const char* value = std::getenv(variable);
+  return value != nullptr && value[0] != '\0' ? value : compiled;
+}
+
+}  // namespace
+
+std::string shared_path(const std::string& relative) {
+  return configured("DEN_TEST_SHARED_DIR", DEN_SHARED_DIR) + "/" + relative;
+}
+std::string fixture_path(const std::string& relative) {
+  return configured("DEN_TEST_FIXTURES_DIR", DEN_FIXTURES_DIR) + "/" + relative;
+}
+std::string den_binary() { return configured("DEN_TEST_BINARY", DEN_BINARY); }
 bool file_exists(const std::string& path) { return std::filesystem::exists(path); }
 
 std::string read_file(const std::string& path) {
@@ -74,18 +91,19 @@ CommandResult run_den(const std::vector<std::string>& args, const std::string& i
   posix_spawn_file_actions_adddup2(&actions, in_pipe[0], 0);
   posix_spawn_file_actions_adddup2(&actions, out_pipe[1], 1);
   posix_spawn_file_actions_adddup2(&actions, err_pipe[1], 2);
-  std::vector<std::string> argv_strings = {DEN_BINARY};
+  const std::string binary = den_binary();
+  std::vector<std::string> argv_strings = {binary};
   argv_strings.insert(argv_strings.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (std::string& s : argv_strings) argv.push_back(s.data());
   argv.push_back(nullptr);
   pid_t pid = 0;
-  const int rc = posix_spawn(&pid, DEN_BINARY, &actions, nullptr, argv.data(), environ);
+  const int rc = posix_spawn(&pid, binary.c_str(), &actions, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
   close(in_pipe[0]);
   close(out_pipe[1]);
   close(err_pipe[1]);
-  if (rc != 0) throw std::runtime_error("cannot start " + std::string(DEN_BINARY));
+  if (rc != 0) throw std::runtime_error("cannot start " + binary);
 
   CommandResult result;
   size_t written = 0;

@@ -13,7 +13,10 @@
 
 namespace den::test {
 
-std::string shared_path(const std::string& relative);  // ../shared/<relative>
+// ../shared/<relative>; $DEN_TEST_SHARED_DIR, $DEN_TEST_FIXTURES_DIR and $DEN_TEST_BINARY
+// override the compiled-in locations.
+std::string shared_path(const std::string& relative);
+std::string den_binary();
 std::string fixture_path(const std::string& relative);
 bool file_exists(const std::string& path);
 std::string read_file(const std::string& path);
