@@ -16,7 +16,9 @@ constexpr uint64_t kMaxNameBytes = 1u << 16;
 // Arrays nest at most this deep (GGUF writers never nest; the bound stops recursion bombs).
 constexpr int kMaxArrayDepth = 2;
 
-size_t scalar_size(GgufType type) {
+}  // namespace
+
+size_t gguf_scalar_size(GgufType type) {
   switch (type) {
     case GgufType::u8:
     case GgufType::i8:
@@ -39,6 +41,8 @@ size_t scalar_size(GgufType type) {
   }
   return 0;
 }
+
+namespace {
 
 bool valid_type(uint32_t t) { return t <= static_cast<uint32_t>(GgufType::f64); }
 
@@ -157,7 +161,7 @@ void read_value(Cursor& cursor, GgufType type, GgufValue& out, const std::string
           read_value(cursor, GgufType::array, nested, key, depth + 1);
         }
       } else {
-        const uint64_t size = scalar_size(out.array_type);
+        const uint64_t size = gguf_scalar_size(out.array_type);
         if (out.array_count > cursor.remaining() / size) {
           cursor.fail("key '" + key + "': array of " + std::to_string(out.array_count) + " " +
                       std::string(gguf_type_name(out.array_type)) + " cannot fit in the file");
@@ -449,7 +453,7 @@ std::vector<float> GgufFile::get_float_array(std::string_view key) const {
     fail_key(key, "an array of numbers", *v);
   }
   std::vector<float> out(static_cast<size_t>(v->array_count));
-  const size_t size = scalar_size(v->array_type);
+  const size_t size = gguf_scalar_size(v->array_type);
   for (size_t k = 0; k < out.size(); ++k) {
     out[k] = static_cast<float>(array_element_as_double(v->array_type, v->array_data + k * size));
   }
@@ -463,7 +467,7 @@ std::vector<int32_t> GgufFile::get_int_array(std::string_view key) const {
     fail_key(key, "an array of integers", *v);
   }
   std::vector<int32_t> out(static_cast<size_t>(v->array_count));
-  const size_t size = scalar_size(v->array_type);
+  const size_t size = gguf_scalar_size(v->array_type);
   for (size_t k = 0; k < out.size(); ++k) {
     out[k] = static_cast<int32_t>(array_element_as_double(v->array_type, v->array_data + k * size));
   }

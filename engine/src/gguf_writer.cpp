@@ -180,27 +180,7 @@ void GgufWriter::copy_key(const GgufFile& from, std::string_view key) {
       if (v->array_type == GgufType::string) {
         for (std::string_view s : v->array_strings) append_string(e, s);
       } else if (v->array_data != nullptr) {
-        // Element size from the span between this array's data and the count: recompute.
-        size_t size = 0;
-        switch (v->array_type) {
-          case GgufType::u8:
-          case GgufType::i8:
-          case GgufType::boolean:
-            size = 1;
-            break;
-          case GgufType::u16:
-          case GgufType::i16:
-            size = 2;
-            break;
-          case GgufType::u32:
-          case GgufType::i32:
-          case GgufType::f32:
-            size = 4;
-            break;
-          default:
-            size = 8;
-            break;
-        }
+        const size_t size = gguf_scalar_size(v->array_type);
         e.insert(e.end(), v->array_data, v->array_data + v->array_count * size);
       } else {
         return;  // nested arrays are not copied

@@ -52,16 +52,11 @@ TEST_CASE("SmolLM2 logits match transformers at every position") {
       std::vector<int16_t> q(n_vocab);
       std::memcpy(q.data(), blob.data() + at, n_vocab * 2);
       at += n_vocab * 2;
-      const auto ours = out.row(r);
-      double max_ref = 0.0, max_delta = 0.0;
-      for (uint32_t v = 0; v < n_vocab; ++v) {
-        const double ref = q[v] * static_cast<double>(scale);
-        max_ref = std::max(max_ref, std::abs(ref));
-        max_delta = std::max(max_delta, std::abs(ours[v] - ref));
-      }
+      const double error =
+          test::max_relative_error(out.row(r), [&](size_t v) { return q[v] * static_cast<double>(scale); }, n_vocab);
       CAPTURE(r);
-      CHECK(max_delta / max_ref < 1e-4);
-      worst = std::max(worst, max_delta / max_ref);
+      CHECK(error < 1e-4);
+      worst = std::max(worst, error);
     }
   }
   MESSAGE("worst max|delta|/max|ref| over all positions: " << worst);

@@ -4,6 +4,8 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -57,6 +59,18 @@ class TempDir {
 };
 
 std::vector<float> random_floats(std::mt19937& rng, size_t n, float stddev = 1.0f);
+
+// max |ours - reference| / max |reference|: the logits comparison against external references.
+template <typename Ours, typename Reference>
+double max_relative_error(const Ours& ours, const Reference& reference, size_t n) {
+  double max_ref = 0.0, max_delta = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    const double r = reference(i);
+    max_ref = std::max(max_ref, std::abs(r));
+    max_delta = std::max(max_delta, std::abs(static_cast<double>(ours[i]) - r));
+  }
+  return max_delta / max_ref;
+}
 
 }  // namespace den::test
 

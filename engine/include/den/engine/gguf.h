@@ -40,6 +40,8 @@ enum class GgufType : uint32_t {
 };
 
 std::string_view gguf_type_name(GgufType type);
+// Bytes of one scalar of `type` (0 for string and array).
+size_t gguf_scalar_size(GgufType type);
 
 // One metadata value. Scalars are decoded; arrays keep their element type and point into the
 // mapping (strings are decoded to views). Views stay valid while the GgufFile lives.
