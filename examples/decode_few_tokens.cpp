@@ -7,7 +7,7 @@
 #include "den/engine/backend.h"
 #include "den/engine/model.h"
 #include "den/engine/sampler.h"
-#include "den/memory/host_block_pool.h"
+#include "den/memory/block_pool.h"
 
 int main(int argc, char** argv) {
   if (argc < 2) {
@@ -20,7 +20,7 @@ int main(int argc, char** argv) {
     const auto backend = den::engine::make_cpu_backend(*model, 0);
 
     // A pool of 64 blocks of 16 tokens, and the blocks of our one sequence.
-    den::memory::HostBlockPool pool(model->kv_layout(16, backend->kv_dtype()), 64, true);
+    den::memory::BlockPool pool(model->kv_layout(16, backend->kv_dtype()), 64, den::memory::Placement::host, true);
     den::memory::SequenceBlocks blocks(pool);
 
     std::vector<int32_t> tokens = tokenizer.encode(argc > 2 ? argv[2] : "", tokenizer.add_bos_by_default(), false);

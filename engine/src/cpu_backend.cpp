@@ -46,10 +46,11 @@ class CpuBackend final : public Backend {
   }
 
   std::string_view name() const override { return "cpu"; }
-  kernels::KvDtype kv_dtype() const override { return kernels::KvDtype::f32; }
+  kernels::DType kv_dtype() const override { return kernels::DType::f32; }
+  bool kv_on_device() const override { return false; }
 
   void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out) override {
-    validate(batch, kv);
+    validate_batch(batch, kv, model_, kernels::DType::f32, "cpu backend");
     const ModelConfig& c = model_.config();
     const int64_t n_embd = c.n_embd;
 
@@ -121,43 +122,6 @@ class CpuBackend final : public Backend {
  private:
   static void resize(std::vector<float>& v, int64_t n) {
     if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
-  }
-
-  void validate(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv) const {
-    const ModelConfig& c = model_.config();
-    const kernels::KvLayout expected = model_.kv_layout(kv.layout.block_tokens, kernels::KvDtype::f32);
-    if (kv.layout.block_tokens <= 0 || !(kv.layout == expected) || kv.blocks == nullptr) {
-      throw std::invalid_argument("cpu backend: the KV pool's layout does not match model '" + c.name +
-                                  "' (expected float32 K/V for " + std::to_string(c.n_layers) + " layers, " +
-                                  std::to_string(c.n_kv_heads) + " KV heads of " + std::to_string(c.head_dim) + ")");
-    }
-    for (size_t s = 0; s < batch.size(); ++s) {
-      const SequenceInput& seq = batch[s];
-      const std::string which = "cpu backend: sequence " + std::to_string(s) + " of the batch";
-      if (seq.tokens.empty()) throw std::invalid_argument(which + " has no tokens");
-      if (seq.start_position < 0) throw std::invalid_argument(which + " has a negative start position");
-      for (int32_t id : seq.tokens) {
-        if (id < 0 || id >= c.n_vocab) {
-          throw std::invalid_argument(which + " has token id " + std::to_string(id) + ", outside the vocabulary [0, " +
-                                      std::to_string(c.n_vocab) + ")");
-        }
-      }
-      const int64_t end = int64_t{seq.start_position} + static_cast<int64_t>(seq.tokens.size());
-      if (end > (int64_t{1} << 30)) throw std::invalid_argument(which + " is longer than 2^30 tokens");
-      const int64_t blocks_needed = (end + kv.layout.block_tokens - 1) / kv.layout.block_tokens;
-      if (static_cast<int64_t>(seq.block_table.size()) < blocks_needed) {
-        throw std::invalid_argument(which + " needs " + std::to_string(blocks_needed) + " KV blocks for " +
-                                    std::to_string(end) + " tokens, its block table has " +
-                                    std::to_string(seq.block_table.size()));
-      }
-      for (int64_t b = 0; b < blocks_needed; ++b) {
-        const int32_t id = seq.block_table[static_cast<size_t>(b)];
-        if (id < 0 || id >= kv.n_blocks) {
-          throw std::invalid_argument(which + " refers to KV block " + std::to_string(id) + ", outside the pool of " +
-                                      std::to_string(kv.n_blocks));
-        }
-      }
-    }
   }
 
   void norm_rows(const std::vector<float>& weight, int64_t n_tokens) {
@@ -234,7 +198,7 @@ class CpuBackend final : public Backend {
       if (batch[s].logits != LogitsWanted::none) out.first_row[s] = static_cast<int32_t>(rows_.size());
       if (batch[s].logits == LogitsWanted::all) {
         for (int64_t i = 0; i < n; ++i) rows_.push_back(t + i);
-      } else if (batch[s].logits == LogitsWanted::last) {
+      } else if (batch[s].logits != LogitsWanted::none) {
         rows_.push_back(t + n - 1);
       }
       t += n;
@@ -243,7 +207,10 @@ class CpuBackend final : public Backend {
     const auto n_rows = static_cast<int64_t>(rows_.size());
     out.n_vocab = c.n_vocab;
     out.logits.resize(static_cast<size_t>(n_rows * c.n_vocab));
-    if (n_rows == 0) return;
+    if (n_rows == 0) {
+      out.sampled.assign(batch.size(), SampledToken{});
+      return;
+    }
     pool_.parallel_for(n_rows, [&](int64_t begin, int64_t end, int) {
       for (int64_t r = begin; r < end; ++r) {
         kernels::rmsnorm_ref(x_.data() + rows_[static_cast<size_t>(r)] * n_embd, model_.output_norm().data(),
@@ -251,6 +218,22 @@ class CpuBackend final : public Backend {
       }
     });
     matmul_group({{&model_.output(), out.logits.data()}}, n_rows);
+    sample_rows(batch, out);
+  }
+
+  // Sequences that asked for a sampled token get it from their (host) logits row.
+  void sample_rows(std::span<const SequenceInput> batch, StepOutput& out) {
+    out.sampled.assign(batch.size(), SampledToken{});
+    for (size_t s = 0; s < batch.size(); ++s) {
+      if (batch[s].logits != LogitsWanted::sample) continue;
+      const auto row = static_cast<size_t>(out.first_row[s]);
+      std::span<float> logits(out.logits.data() + row * static_cast<size_t>(out.n_vocab),
+                              static_cast<size_t>(out.n_vocab));
+      SampledToken& token = out.sampled[s];
+      if (batch[s].want_logprob) raw_row_.assign(logits.begin(), logits.end());
+      token.id = sample_token(logits, *batch[s].sampling, batch[s].history, batch[s].sample_step);
+      if (batch[s].want_logprob) token.logprob = token_logprob(raw_row_, token.id);
+    }
   }
 
   const Model& model_;
@@ -262,6 +245,7 @@ class CpuBackend final : public Backend {
   std::vector<int32_t> ids_;
   std::vector<kernels::PagedSequence> sequences_;
   std::vector<int64_t> rows_;
+  std::vector<float> raw_row_;
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, residual_;
 };
 

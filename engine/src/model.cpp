@@ -180,7 +180,7 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
   return m;
 }
 
-kernels::KvLayout Model::kv_layout(int32_t block_tokens, kernels::KvDtype dtype) const {
+kernels::KvLayout Model::kv_layout(int32_t block_tokens, kernels::DType dtype) const {
   return {config_.n_layers, config_.n_kv_heads, config_.head_dim, block_tokens, dtype};
 }
 

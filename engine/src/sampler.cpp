@@ -1,27 +1,15 @@
-// Sampler implementation. The generator is xoshiro256** seeded through splitmix64; uniform
-// doubles take its top 53 bits. Both are fixed algorithms, so a seed means the same tokens
-// on every machine and compiler (unlike std::uniform_real_distribution).
+// Host side of sampling: parameter validation, the penalty window, log-probabilities.
 #include "den/engine/sampler.h"
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
+#include <map>
 #include <numeric>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 
 namespace den::engine {
 namespace {
-
-uint64_t splitmix64(uint64_t& x) {
-  uint64_t z = (x += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("invalid sampling parameter: " + what);
@@ -40,25 +28,26 @@ void SamplingParams::validate() const {
   require(std::isfinite(frequency_penalty), "frequency_penalty must be finite");
 }
 
-Sampler::Sampler(const SamplingParams& params) : params_(params) {
-  params_.validate();
-  uint64_t seed = params.seed;
-  for (uint64_t& s : state_) s = splitmix64(seed);
+kernels::SamplingConfig SamplingParams::config() const {
+  return {temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed};
 }
 
-uint64_t Sampler::next_random() {
-  const uint64_t result = rotl(state_[1] * 5, 7) * 9;
-  const uint64_t t = state_[1] << 17;
-  state_[2] ^= state_[0];
-  state_[3] ^= state_[1];
-  state_[1] ^= state_[2];
-  state_[0] ^= state_[3];
-  state_[2] ^= t;
-  state_[3] = rotl(state_[3], 45);
-  return result;
+std::vector<kernels::TokenCount> penalty_counts(const SamplingParams& params, std::span<const int32_t> history) {
+  std::vector<kernels::TokenCount> out;
+  if (!params.penalties()) return out;
+  const size_t window = params.repeat_last_n < 0 ? history.size()
+                                                 : std::min(history.size(), static_cast<size_t>(params.repeat_last_n));
+  std::map<int32_t, int32_t> counts;
+  for (size_t i = history.size() - window; i < history.size(); ++i) ++counts[history[i]];
+  for (const auto& [token, count] : counts) out.push_back({token, count});
+  return out;
 }
 
-double Sampler::uniform() { return static_cast<double>(next_random() >> 11) * 0x1.0p-53; }
+int32_t sample_token(std::span<float> logits, const SamplingParams& params, std::span<const int32_t> history,
+                     uint64_t step) {
+  const auto seen = penalty_counts(params, history);
+  return kernels::sample_ref(logits.data(), static_cast<int32_t>(logits.size()), params.config(), seen, step);
+}
 
 int32_t argmax(std::span<const float> logits) {
   int32_t best = 0;
@@ -68,84 +57,8 @@ int32_t argmax(std::span<const float> logits) {
   return best;
 }
 
-int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> history) {
-  const auto n_vocab = static_cast<int32_t>(logits.size());
-  const SamplingParams& p = params_;
-
-  // Penalties over the recent window.
-  if (p.repeat_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
-    const size_t window = p.repeat_last_n < 0 ? history.size()
-                                              : std::min(history.size(), static_cast<size_t>(p.repeat_last_n));
-    std::unordered_map<int32_t, int32_t> counts;
-    for (size_t i = history.size() - window; i < history.size(); ++i) ++counts[history[i]];
-    for (const auto& [id, count] : counts) {
-      if (id < 0 || id >= n_vocab) continue;
-      float& l = logits[static_cast<size_t>(id)];
-      l = l > 0.0f ? l / p.repeat_penalty : l * p.repeat_penalty;
-      l -= p.presence_penalty + p.frequency_penalty * static_cast<float>(count);
-    }
-  }
-  if (p.temperature <= 0.0f) return argmax(logits);
-
-  for (float& l : logits) l /= p.temperature;
-
-  // Candidates sorted by logit, best first (stable on id for reproducibility).
-  candidates_.resize(static_cast<size_t>(n_vocab));
-  std::iota(candidates_.begin(), candidates_.end(), 0);
-  auto better = [&](int32_t a, int32_t b) {
-    const float la = logits[static_cast<size_t>(a)], lb = logits[static_cast<size_t>(b)];
-    return la > lb || (la == lb && a < b);
-  };
-  size_t keep = candidates_.size();
-  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < keep) {
-    keep = static_cast<size_t>(p.top_k);
-    std::partial_sort(candidates_.begin(), candidates_.begin() + static_cast<ptrdiff_t>(keep), candidates_.end(),
-                      better);
-  } else {
-    std::sort(candidates_.begin(), candidates_.end(), better);
-  }
-  candidates_.resize(keep);
-
-  const float max_logit = logits[static_cast<size_t>(candidates_[0])];
-  probabilities_.resize(keep);
-  double sum = 0.0;
-  for (size_t i = 0; i < keep; ++i) {
-    probabilities_[i] = std::exp(logits[static_cast<size_t>(candidates_[i])] - max_logit);
-    sum += probabilities_[i];
-  }
-  // top-p: the smallest prefix whose mass reaches p.
-  if (p.top_p < 1.0f) {
-    double mass = 0.0;
-    size_t n = 0;
-    while (n < keep) {
-      mass += probabilities_[n] / sum;
-      ++n;
-      if (mass >= p.top_p) break;
-    }
-    keep = n;
-  }
-  // min-p: drop tokens less likely than min_p times the best one (probabilities_[0] == 1).
-  if (p.min_p > 0.0f) {
-    size_t n = 1;
-    while (n < keep && probabilities_[n] >= p.min_p) ++n;
-    keep = n;
-  }
-  double total = 0.0;
-  for (size_t i = 0; i < keep; ++i) total += probabilities_[i];
-  const double target = uniform() * total;
-  double acc = 0.0;
-  for (size_t i = 0; i < keep; ++i) {
-    acc += probabilities_[i];
-    if (target < acc) return candidates_[i];
-  }
-  return candidates_[keep - 1];
-}
-
 float token_logprob(std::span<const float> logits, int32_t id) {
-  const float max_logit = *std::max_element(logits.begin(), logits.end());
-  double sum = 0.0;
-  for (float l : logits) sum += std::exp(static_cast<double>(l - max_logit));
-  return static_cast<float>(logits[static_cast<size_t>(id)] - max_logit - std::log(sum));
+  return kernels::token_logprob_ref(logits.data(), static_cast<int32_t>(logits.size()), id);
 }
 
 std::vector<TokenLogprob> top_logprobs(std::span<const float> logits, int32_t n) {

@@ -1,41 +1,46 @@
-// RMSNorm on the GPU: one block per row, a block-wide sum of squares, then the scaled write.
-// Same formula and epsilon as rmsnorm_ref (kernels/ref/rmsnorm_ref.cpp).
+// RMSNorm on the GPU: one block per row, a block-wide sum of squares, then the scaled write in
+// the output type. Same formula and epsilon as rmsnorm_ref (kernels/ref/rmsnorm_ref.cpp).
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/rmsnorm.h"
+#include "device_types.cuh"
 
 namespace den::kernels {
 namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restrict__ weight, float* y, int64_t n,
-                               float eps) {
-  const float* xr = x + blockIdx.x * n;
-  float* yr = y + blockIdx.x * n;
+template <typename T>
+__global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restrict__ weight, T* y,
+                               const int32_t* __restrict__ rows, int64_t n, float eps) {
+  const int64_t src_row = rows != nullptr ? rows[blockIdx.x] : blockIdx.x;
+  const float* xr = x + src_row * n;
+  T* yr = y + static_cast<int64_t>(blockIdx.x) * n;
   float partial = 0.0f;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) partial += xr[i] * xr[i];
-  for (int offset = 16; offset > 0; offset /= 2) partial += __shfl_xor_sync(0xffffffffu, partial, offset);
+  partial = warp_sum(partial);
   __shared__ float warp_sums[kThreads / 32];
   __shared__ float inv_rms;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_sums[warp] = partial;
   __syncthreads();
   if (warp == 0) {
-    float total = lane < kThreads / 32 ? warp_sums[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
-    if (lane == 0) inv_rms = rsqrtf(total / static_cast<float>(n) + eps);
+    float total = warp_sum(lane < kThreads / 32 ? warp_sums[lane] : 0.0f);
+    if (lane == 0) inv_rms = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
   }
   __syncthreads();
-  // Reads of x finish before any write of y (the barrier above), so y may alias x.
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = weight[i] * (xr[i] * inv_rms);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = from_float<T>(weight[i] * (xr[i] * inv_rms));
 }
 
 }  // namespace
 
-void rmsnorm_cuda(const float* x, const float* weight, float* y, int64_t n_rows, int64_t n, float eps,
-                  CudaStream stream) {
+void rmsnorm_cuda(const float* x, const float* weight, void* y, DType y_type, const int32_t* rows, int64_t n_rows,
+                  int64_t n, float eps, CudaStream stream) {
   if (n_rows == 0) return;
-  rmsnorm_kernel<<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(x, weight, y, n, eps);
+  dispatch_dtype(y_type, [&](auto t) {
+    using T = decltype(t);
+    rmsnorm_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(x, weight, static_cast<T*>(y), rows, n,
+                                                                             eps);
+  });
   check_launch();
 }
 

@@ -10,30 +10,30 @@ namespace den::kernels {
 namespace {
 
 // Returns a float pointer to n elements at `index`: the pool itself for f32, else `tmp` filled.
-const float* load_row(const void* base, int64_t index, int32_t n, KvDtype dtype, float* tmp) {
+const float* load_row(const void* base, int64_t index, int32_t n, DType dtype, float* tmp) {
   switch (dtype) {
-    case KvDtype::f32:
+    case DType::f32:
       return static_cast<const float*>(base) + index;
-    case KvDtype::f16:
+    case DType::f16:
       for (int32_t i = 0; i < n; ++i) tmp[i] = fp16_to_f32(static_cast<const uint16_t*>(base)[index + i]);
       return tmp;
-    case KvDtype::bf16:
+    case DType::bf16:
       for (int32_t i = 0; i < n; ++i) tmp[i] = bf16_to_f32(static_cast<const uint16_t*>(base)[index + i]);
       return tmp;
   }
   return tmp;
 }
 
-void store_row(void* base, int64_t index, const float* values, int64_t n, KvDtype dtype) {
+void store_row(void* base, int64_t index, const float* values, int64_t n, DType dtype) {
   for (int64_t i = 0; i < n; ++i) {
     switch (dtype) {
-      case KvDtype::f32:
+      case DType::f32:
         static_cast<float*>(base)[index + i] = values[i];
         break;
-      case KvDtype::f16:
+      case DType::f16:
         static_cast<uint16_t*>(base)[index + i] = f32_to_fp16(values[i]);
         break;
-      case KvDtype::bf16:
+      case DType::bf16:
         static_cast<uint16_t*>(base)[index + i] = f32_to_bf16(values[i]);
         break;
     }

@@ -46,10 +46,14 @@ LocalGenerator::LocalGenerator(const engine::Model& model, engine::Backend& back
     : model_(model),
       backend_(backend),
       max_context_(max_context),
-      pool_(model.kv_layout(block_tokens, backend.kv_dtype()), blocks_for(max_context, block_tokens), kPoisonBlocks),
+      pool_(model.kv_layout(block_tokens, backend.kv_dtype()), blocks_for(max_context, block_tokens),
+            backend.kv_on_device() ? memory::Placement::device : memory::Placement::host, kPoisonBlocks),
       blocks_(pool_) {}
 
-void LocalGenerator::feed(std::span<const int32_t> tokens, bool want_logits) {
+GeneratedToken LocalGenerator::feed_and_sample(std::span<const int32_t> tokens, const GenerationOptions& options,
+                                               std::span<const int32_t> history, uint64_t step) {
+  GeneratedToken result{-1, 0.0f, {}};
+  const bool host_sampling = options.top_logprobs > 0;
   for (size_t done = 0; done < tokens.size();) {
     const size_t n = std::min(tokens.size() - done, static_cast<size_t>(kPrefillChunkTokens));
     const auto start = static_cast<int32_t>(history_.size());
@@ -57,22 +61,36 @@ void LocalGenerator::feed(std::span<const int32_t> tokens, bool want_logits) {
       throw std::logic_error("LocalGenerator: KV pool exhausted below max_context");
     }
     const bool last_chunk = done + n == tokens.size();
-    engine::SequenceInput input{tokens.subspan(done, n), start, blocks_.table(),
-                                want_logits && last_chunk ? engine::LogitsWanted::last : engine::LogitsWanted::none};
+    engine::SequenceInput input{tokens.subspan(done, n), start, blocks_.table(), engine::LogitsWanted::none};
+    if (last_chunk) {
+      input.logits = host_sampling ? engine::LogitsWanted::last : engine::LogitsWanted::sample;
+      input.sampling = &options.sampling;
+      input.history = history;
+      input.sample_step = step;
+      input.want_logprob = options.top_logprobs >= 0;
+    }
     backend_.forward({&input, 1}, pool_.view(), step_);
     history_.insert(history_.end(), tokens.begin() + static_cast<ptrdiff_t>(done),
                     tokens.begin() + static_cast<ptrdiff_t>(done + n));
-    if (want_logits && last_chunk) {
-      const auto row = step_.row(0);
-      last_logits_.assign(row.begin(), row.end());
-    }
     done += n;
   }
+  if (host_sampling) {
+    std::vector<float> logits(step_.row(0).begin(), step_.row(0).end());
+    result.top = engine::top_logprobs(logits, options.top_logprobs);
+    const std::vector<float> raw = logits;
+    result.id = engine::sample_token(logits, options.sampling, history, step);
+    result.logprob = engine::token_logprob(raw, result.id);
+  } else {
+    result.id = step_.sampled[0].id;
+    result.logprob = step_.sampled[0].logprob;
+  }
+  return result;
 }
 
 GenerationResult LocalGenerator::generate(std::span<const int32_t> context, const GenerationOptions& options,
                                           const std::function<void(std::string_view)>& on_text) {
   if (context.empty()) throw std::invalid_argument("cannot generate from an empty context (no prompt and no BOS)");
+  options.sampling.validate();
   if (static_cast<int32_t>(context.size()) > max_context_) {
     throw std::invalid_argument("the prompt has " + std::to_string(context.size()) +
                                 " tokens, more than the context of " + std::to_string(max_context_));
@@ -90,11 +108,11 @@ GenerationResult LocalGenerator::generate(std::span<const int32_t> context, cons
   blocks_.shrink_to(static_cast<int64_t>(common));
   result.reused_tokens = static_cast<int32_t>(common);
 
+  std::vector<int32_t> sampled_history(context.begin(), context.end());
   const auto t_prefill = std::chrono::steady_clock::now();
-  feed(context.subspan(common), true);
+  GeneratedToken next = feed_and_sample(context.subspan(common), options, sampled_history, 0);
   result.prefill_seconds = seconds_since(t_prefill);
 
-  engine::Sampler sampler(options.sampling);
   engine::TokenStreamDecoder decoder(tokenizer, context.back());
   engine::StopStringFilter stops(options.stop);
   auto emit = [&](const std::string& text) {
@@ -102,24 +120,17 @@ GenerationResult LocalGenerator::generate(std::span<const int32_t> context, cons
     result.text += text;
     if (on_text) on_text(text);
   };
-  std::vector<int32_t> sampled_history(context.begin(), context.end());
-  std::vector<float> raw_logits;
 
   const auto t_decode = std::chrono::steady_clock::now();
   for (int32_t i = 0; i < options.max_new_tokens; ++i) {
-    if (options.top_logprobs >= 0) raw_logits = last_logits_;
-    const int32_t id = sampler.sample(last_logits_, sampled_history);
+    const int32_t id = next.id;
     // A sampled BOS starts a new document: as llama2.c does, treat it as the end.
     if (tokenizer.is_end_of_generation(id) || (tokenizer.bos() && id == *tokenizer.bos())) {
       result.reason = StopReason::end_of_generation;
       break;
     }
-    GeneratedToken token{id, 0.0f, {}};
-    if (options.top_logprobs >= 0) {
-      token.logprob = engine::token_logprob(raw_logits, id);
-      if (options.top_logprobs > 0) token.top = engine::top_logprobs(raw_logits, options.top_logprobs);
-    }
-    result.tokens.push_back(std::move(token));
+    if (options.top_logprobs < 0) next.logprob = 0.0f;
+    result.tokens.push_back(next);
     sampled_history.push_back(id);
     emit(stops.push(decoder.push(id)));
     if (stops.stopped()) {
@@ -131,8 +142,8 @@ GenerationResult LocalGenerator::generate(std::span<const int32_t> context, cons
       result.reason = StopReason::context_full;
       break;
     }
-    const int32_t next[1] = {id};
-    feed(next, true);
+    const int32_t token[1] = {id};
+    next = feed_and_sample(token, options, sampled_history, static_cast<uint64_t>(i) + 1);
   }
   if (!stops.stopped()) emit(stops.push(decoder.flush()) + stops.flush());
   result.decode_seconds = seconds_since(t_decode);

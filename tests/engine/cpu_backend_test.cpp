@@ -7,7 +7,7 @@
 
 #include "den/engine/backend.h"
 #include "den/engine/model.h"
-#include "den/memory/host_block_pool.h"
+#include "den/memory/block_pool.h"
 #include "test_support.h"
 
 using namespace den;
@@ -34,7 +34,7 @@ std::vector<int32_t> random_tokens(std::mt19937& rng, int n) {
 // and the sequence's blocks taken from a pool where other blocks were handed out first.
 std::vector<float> run_sequence(Harness& h, const std::vector<int32_t>& tokens, int chunk, int block_tokens,
                                 int blocks_taken_first) {
-  memory::HostBlockPool pool(h.model->kv_layout(block_tokens, kernels::KvDtype::f32), 64, true);
+  memory::BlockPool pool(h.model->kv_layout(block_tokens, kernels::DType::f32), 64, memory::Placement::host, true);
   std::vector<int32_t> taken;
   for (int i = 0; i < blocks_taken_first; ++i) taken.push_back(*pool.allocate());
   memory::SequenceBlocks blocks(pool);
@@ -75,7 +75,7 @@ TEST_CASE("a sequence's logits are bitwise the same alone and inside a mixed bat
   const auto a = random_tokens(rng, 20), b = random_tokens(rng, 9), c = random_tokens(rng, 31);
   const auto a_alone = run_sequence(h, a, 20, 16, 0);
 
-  memory::HostBlockPool pool(h.model->kv_layout(16, kernels::KvDtype::f32), 64, true);
+  memory::BlockPool pool(h.model->kv_layout(16, kernels::DType::f32), 64, memory::Placement::host, true);
   memory::SequenceBlocks ba(pool), bb(pool), bc(pool);
   engine::StepOutput out;
   // c is mid-decode: prefill all but its last token first.
@@ -102,7 +102,7 @@ TEST_CASE("a sequence's logits are bitwise the same alone and inside a mixed bat
 TEST_CASE("malformed batches are rejected before any KV is written") {
   DEN_SKIP_UNLESS(test::file_exists(test::stories_model()), "../shared/models/stories260K is absent");
   Harness h;
-  memory::HostBlockPool pool(h.model->kv_layout(16, kernels::KvDtype::f32), 4, true);
+  memory::BlockPool pool(h.model->kv_layout(16, kernels::DType::f32), 4, memory::Placement::host, true);
   memory::SequenceBlocks blocks(pool);
   REQUIRE(blocks.reserve(16));
   const auto view = pool.view();
@@ -124,7 +124,7 @@ TEST_CASE("malformed batches are rejected before any KV is written") {
   rejects({one, 0, foreign}, "outside the pool");
   rejects({std::span<const int32_t>{}, 0, blocks.table()}, "has no tokens");
 
-  memory::HostBlockPool wrong(h.model->kv_layout(16, kernels::KvDtype::bf16), 4, false);
+  memory::BlockPool wrong(h.model->kv_layout(16, kernels::DType::bf16), 4, memory::Placement::host, false);
   engine::SequenceInput in{one, 0, blocks.table()};
   CHECK_THROWS_WITH_AS(h.backend->forward({&in, 1}, wrong.view(), out), doctest::Contains("layout"),
                        std::invalid_argument);

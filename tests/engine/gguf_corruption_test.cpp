@@ -6,7 +6,7 @@
 #include "den/engine/backend.h"
 #include "den/engine/gguf.h"
 #include "den/engine/model.h"
-#include "den/memory/host_block_pool.h"
+#include "den/memory/block_pool.h"
 #include "test_support.h"
 
 using namespace den;
@@ -24,7 +24,7 @@ Outcome try_load_and_run(const std::string& path) {
   }
   // A model that loads must run a step without crashing.
   const auto backend = engine::make_cpu_backend(*model, 1);
-  memory::HostBlockPool pool(model->kv_layout(16, kernels::KvDtype::f32), 2, false);
+  memory::BlockPool pool(model->kv_layout(16, kernels::DType::f32), 2, memory::Placement::host, false);
   memory::SequenceBlocks blocks(pool);
   REQUIRE(blocks.reserve(3));
   const int32_t tokens[3] = {1, 2, std::min(3, model->config().n_vocab - 1)};

@@ -21,7 +21,7 @@ TEST_CASE("stories260K hyper-parameters") {
   CHECK_FALSE(c.tied_output);  // the GGUF carries output.weight (a copy of token_embd)
   CHECK(c.rope_style == kernels::RopeStyle::interleaved);
   CHECK(c.rms_eps == doctest::Approx(1e-5f));
-  CHECK(m->kv_layout(16, kernels::KvDtype::f32).block_bytes() == 5 * 2 * 16 * 4 * 8 * 4);
+  CHECK(m->kv_layout(16, kernels::DType::f32).block_bytes() == 5 * 2 * 16 * 4 * 8 * 4);
   // 260K parameters minus the 512 x 64 embedding table, plus the output head.
   CHECK(m->non_embedding_parameters() > 200000);
 }

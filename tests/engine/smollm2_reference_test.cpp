@@ -9,7 +9,7 @@
 
 #include "den/engine/backend.h"
 #include "den/engine/model.h"
-#include "den/memory/host_block_pool.h"
+#include "den/memory/block_pool.h"
 #include "test_support.h"
 
 using namespace den;
@@ -38,7 +38,7 @@ TEST_CASE("SmolLM2 logits match transformers at every position") {
     at += 4;
     REQUIRE(rows == ids.size());
 
-    memory::HostBlockPool pool(model->kv_layout(16, kernels::KvDtype::f32), 8, true);
+    memory::BlockPool pool(model->kv_layout(16, kernels::DType::f32), 8, memory::Placement::host, true);
     memory::SequenceBlocks blocks(pool);
     REQUIRE(blocks.reserve(static_cast<int64_t>(ids.size())));
     engine::SequenceInput in{ids, 0, blocks.table(), engine::LogitsWanted::all};

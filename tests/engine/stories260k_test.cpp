@@ -3,7 +3,7 @@
 #include "den/engine/backend.h"
 #include "den/engine/model.h"
 #include "den/engine/sampler.h"
-#include "den/memory/host_block_pool.h"
+#include "den/memory/block_pool.h"
 #include "test_support.h"
 
 using namespace den;
@@ -14,7 +14,7 @@ TEST_CASE("stories260K greedy decoding reproduces llama2.c's 64 tokens") {
   REQUIRE(oracle.ids.size() == 64);
   const auto model = engine::Model::load(test::stories_model());
   const auto backend = engine::make_cpu_backend(*model, 2);
-  memory::HostBlockPool pool(model->kv_layout(16, kernels::KvDtype::f32), 8, true);
+  memory::BlockPool pool(model->kv_layout(16, kernels::DType::f32), 8, memory::Placement::host, true);
   memory::SequenceBlocks blocks(pool);
   std::vector<int32_t> ids;
   int32_t token = *model->tokenizer().bos();

@@ -6,7 +6,7 @@
 
 #include "den/engine/backend.h"
 #include "den/engine/model.h"
-#include "den/memory/host_block_pool.h"
+#include "den/memory/block_pool.h"
 #include "test_support.h"
 
 using namespace den;
@@ -23,7 +23,7 @@ void check_against_transformers(const std::string& name) {
   REQUIRE(blob.size() == tokens.size() * static_cast<size_t>(n_vocab) * 4);
   const auto* ref = reinterpret_cast<const float*>(blob.data());
   const auto backend = engine::make_cpu_backend(*model, 2);
-  memory::HostBlockPool pool(model->kv_layout(16, kernels::KvDtype::f32), 4, true);
+  memory::BlockPool pool(model->kv_layout(16, kernels::DType::f32), 4, memory::Placement::host, true);
   memory::SequenceBlocks blocks(pool);
   REQUIRE(blocks.reserve(static_cast<int64_t>(tokens.size())));
   engine::SequenceInput in{tokens, 0, blocks.table(), engine::LogitsWanted::all};

@@ -19,14 +19,14 @@ struct PagedFixture {
   std::vector<int32_t> table;
   std::vector<float> k_dense, v_dense;  // [tokens, n_kv_heads, head_dim], as stored (rounded)
 
-  PagedFixture(KvDtype dtype, int32_t tokens, std::mt19937& rng)
+  PagedFixture(DType dtype, int32_t tokens, std::mt19937& rng)
       : layout{2, 3, 40, 16, dtype} {
     const int32_t n_blocks_used = (tokens + layout.block_tokens - 1) / layout.block_tokens;
     const int64_t n_blocks = n_blocks_used + 5;  // spare blocks nobody owns
-    if (dtype == KvDtype::f32) {
+    if (dtype == DType::f32) {
       pool_f32.assign(static_cast<size_t>(n_blocks * layout.block_elements()), std::numeric_limits<float>::quiet_NaN());
     } else {
-      pool_16.assign(static_cast<size_t>(n_blocks * layout.block_elements()), dtype == KvDtype::f16 ? 0x7e00 : 0x7fc0);
+      pool_16.assign(static_cast<size_t>(n_blocks * layout.block_elements()), dtype == DType::f16 ? 0x7e00 : 0x7fc0);
     }
     std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
     std::iota(ids.begin(), ids.end(), 0);
@@ -51,7 +51,7 @@ struct PagedFixture {
           const size_t d = (static_cast<size_t>(layer) * tokens + p) * te + i;
           k_dense[d] = load(ko);
           v_dense[d] = load(vo);
-          REQUIRE(std::abs(k_dense[d] - k[i]) <= (dtype == KvDtype::f32 ? 0.0f : 1e-2f * std::abs(k[i]) + 1e-3f));
+          REQUIRE(std::abs(k_dense[d] - k[i]) <= (dtype == DType::f32 ? 0.0f : 1e-2f * std::abs(k[i]) + 1e-3f));
         }
       }
     }
@@ -68,11 +68,11 @@ struct PagedFixture {
 float PagedFixture::load(int64_t index) const {
   if (!pool_f32.empty()) return pool_f32[static_cast<size_t>(index)];
   const uint16_t h = pool_16[static_cast<size_t>(index)];
-  if (layout.dtype == KvDtype::bf16) return std::bit_cast<float>(static_cast<uint32_t>(h) << 16);
+  if (layout.dtype == DType::bf16) return std::bit_cast<float>(static_cast<uint32_t>(h) << 16);
   return static_cast<float>(std::bit_cast<_Float16>(h));
 }
 
-void check_attention(KvDtype dtype) {
+void check_attention(DType dtype) {
   std::mt19937 rng(6);
   const int32_t tokens = 53;  // three full blocks and a partial one
   PagedFixture f(dtype, tokens, rng);
@@ -119,7 +119,7 @@ void check_attention(KvDtype dtype) {
 }  // namespace
 
 TEST_CASE("paged attention over a shuffled block table equals dense attention (f32 KV)") {
-  check_attention(KvDtype::f32);
+  check_attention(DType::f32);
 }
-TEST_CASE("paged attention with f16 KV") { check_attention(KvDtype::f16); }
-TEST_CASE("paged attention with bf16 KV") { check_attention(KvDtype::bf16); }
+TEST_CASE("paged attention with f16 KV") { check_attention(DType::f16); }
+TEST_CASE("paged attention with bf16 KV") { check_attention(DType::bf16); }

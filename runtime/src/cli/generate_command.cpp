@@ -24,6 +24,7 @@ namespace {
 struct CommonOptions {
   std::string model;
   std::string backend = "cpu";
+  int device = 0;
   int threads = 0;
   int32_t context = 0;  // 0: the model's, capped at 4096
   int32_t block_tokens = 16;
@@ -31,7 +32,9 @@ struct CommonOptions {
 
 void add_common(CLI::App& cmd, CommonOptions& o) {
   cmd.add_option("-m,--model", o.model, "GGUF model file (default: the fetched default model)");
-  cmd.add_option("--backend", o.backend, "Decoder backend")->check(CLI::IsMember({"cpu"}))->capture_default_str();
+  cmd.add_option("--backend", o.backend, "Decoder backend")->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  cmd.add_option("--device", o.device, "CUDA device (with --backend cuda)")->capture_default_str();
   cmd.add_option("-t,--threads", o.threads, "CPU threads (default: one per hardware thread)");
   cmd.add_option("--ctx", o.context, "Context length in tokens (default: the model's, at most 4096)")
       ->check(CLI::Range(1, 1 << 24));
@@ -47,7 +50,7 @@ struct Session {
 Session open_session(const CommonOptions& o) {
   Session s;
   s.model = engine::Model::load(resolve_model_path(o.model));
-  s.backend = engine::make_cpu_backend(*s.model, o.threads);
+  s.backend = engine::make_backend(o.backend, *s.model, o.threads, o.device);
   const int32_t context = o.context > 0 ? o.context : std::min(s.model->config().n_ctx_train, 4096);
   s.generator = std::make_unique<LocalGenerator>(*s.model, *s.backend, o.block_tokens, context);
   return s;

@@ -66,8 +66,8 @@ void run_info(const std::string& requested) {
   std::printf("per token     %s of weights read\n",
               human_bytes(static_cast<double>(model->weight_bytes_per_token())).c_str());
   std::printf("KV per token  %s (float32), %s (bf16)\n",
-              human_bytes(static_cast<double>(model->kv_layout(1, kernels::KvDtype::f32).block_bytes())).c_str(),
-              human_bytes(static_cast<double>(model->kv_layout(1, kernels::KvDtype::bf16).block_bytes())).c_str());
+              human_bytes(static_cast<double>(model->kv_layout(1, kernels::DType::f32).block_bytes())).c_str(),
+              human_bytes(static_cast<double>(model->kv_layout(1, kernels::DType::bf16).block_bytes())).c_str());
   std::printf("vocabulary    %d tokens, %s%s%s; BOS %s, add BOS %s\n", tok.n_vocab(),
               tok.model() == engine::Tokenizer::Model::spm ? "SentencePiece-BPE" : "byte-level BPE",
               tok.pre_tokenizer_name().empty() ? "" : ", pre-tokenizer ",

@@ -74,7 +74,7 @@ class Model {
   uint64_t fingerprint() const { return fingerprint_; }
 
   // KV layout of this model for a given block size and element type.
-  kernels::KvLayout kv_layout(int32_t block_tokens, kernels::KvDtype dtype) const;
+  kernels::KvLayout kv_layout(int32_t block_tokens, kernels::DType dtype) const;
 
   // Bytes of every weight read to produce one token (output head included, embedding table
   // excluded): the numerator of the decode bandwidth floor.

@@ -3,8 +3,10 @@
 // arithmetic of a token never depends on other tokens or sequences in the batch.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
+#include "den/kernels/cuda_stream.h"
 #include "den/kernels/paged_kv.h"
 
 namespace den::kernels {
@@ -19,5 +21,43 @@ void kv_store_ref(const PagedKvView& kv, const PagedSequence& seq, int32_t layer
 // q: [head_dim]  out: [head_dim]  scores: [position + 1] scratch
 void paged_attention_head_ref(const PagedKvView& kv, const PagedSequence& seq, int32_t layer, int32_t position,
                               int32_t kv_head, const float* q, float scale, float* out, float* scores);
+
+// ---- GPU ----
+// Two fast paths for f16/bf16 KV with head_dim 64 or 128 (attention_fast_path()):
+//  decode: one query token per sequence; a block per (KV head, KV split, sequence) reads each
+//          K/V row once for the whole query group (GQA), splits long contexts over many blocks
+//          and merges the splits' partial softmax states in a second kernel;
+//  prefill: flash attention on tensor cores over tiles of up to 64 new tokens of a sequence,
+//          K/V tiles gathered through the block table, online softmax, causal mask.
+// Anything else (f32 KV, other head sizes) runs a simple exact kernel, a warp per (token, head).
+
+inline constexpr int32_t kAttentionTileRows = 64;
+
+// Up to kAttentionTileRows consecutive new tokens of one sequence (rows of q and out).
+struct AttentionTile {
+  int32_t seq;
+  int32_t first_token;     // row of the first token in the step's q / out
+  int32_t n_rows;
+  int32_t first_position;  // position of that token in its sequence
+};
+
+struct AttentionPlan {
+  const int32_t* decode_tokens = nullptr;  // [n_decode] rows of single-token sequences
+  int32_t n_decode = 0;
+  int32_t n_splits = 1;       // KV of each decode sequence split into chunks of split_tokens
+  int32_t split_tokens = 1 << 30;
+  float* partial = nullptr;   // workspace, attention_workspace_bytes()
+  const AttentionTile* tiles = nullptr;  // [n_tiles] prefill work
+  int32_t n_tiles = 0;
+};
+
+bool attention_fast_path(DType kv_dtype, int32_t head_dim);
+size_t attention_workspace_bytes(int32_t n_decode, int32_t n_heads, int32_t n_splits, int32_t head_dim);
+
+// q, out: [n_tokens, n_heads, head_dim] in the KV's dtype. With a fast path, every token must be
+// in exactly one of plan.decode_tokens or plan.tiles; otherwise the plan is ignored and every
+// token of the batch is computed.
+void paged_attention_cuda(const void* q, void* out, const PagedKvView& kv, const PagedBatch& batch,
+                          const AttentionPlan& plan, int32_t layer, int32_t n_heads, float scale, CudaStream stream);
 
 }  // namespace den::kernels

@@ -11,30 +11,29 @@
 #include <cstdint>
 #include <span>
 
-namespace den::kernels {
+#include "den/kernels/dtype.h"
+#include "den/kernels/host_device.h"
 
-enum class KvDtype : uint8_t { f32, f16, bf16 };
+namespace den::kernels {
 
 // Largest head dimension the attention kernels accept (model loading rejects larger ones).
 inline constexpr int32_t kMaxHeadDim = 512;
-
-inline int64_t kv_dtype_bytes(KvDtype dtype) { return dtype == KvDtype::f32 ? 4 : 2; }
 
 struct KvLayout {
   int32_t n_layers = 0;
   int32_t n_kv_heads = 0;
   int32_t head_dim = 0;
   int32_t block_tokens = 0;
-  KvDtype dtype = KvDtype::f32;
+  DType dtype = DType::f32;
 
   // Elements of one token's K (or V) in one layer.
-  int64_t token_elements() const { return int64_t{n_kv_heads} * head_dim; }
+  DEN_HOST_DEVICE int64_t token_elements() const { return int64_t{n_kv_heads} * head_dim; }
   // Elements of one layer's K (or V) slice of a block.
-  int64_t slab_elements() const { return block_tokens * token_elements(); }
-  int64_t layer_elements() const { return 2 * slab_elements(); }
-  int64_t block_elements() const { return n_layers * layer_elements(); }
-  int64_t block_bytes() const { return block_elements() * kv_dtype_bytes(dtype); }
-  int64_t layer_slice_bytes() const { return layer_elements() * kv_dtype_bytes(dtype); }
+  DEN_HOST_DEVICE int64_t slab_elements() const { return block_tokens * token_elements(); }
+  DEN_HOST_DEVICE int64_t layer_elements() const { return 2 * slab_elements(); }
+  DEN_HOST_DEVICE int64_t block_elements() const { return n_layers * layer_elements(); }
+  DEN_HOST_DEVICE int64_t block_bytes() const { return block_elements() * dtype_bytes(dtype); }
+  DEN_HOST_DEVICE int64_t layer_slice_bytes() const { return layer_elements() * dtype_bytes(dtype); }
 
   bool operator==(const KvLayout&) const = default;
 };
@@ -46,7 +45,7 @@ struct PagedKvView {
   KvLayout layout;
 
   // Offset of token `slot` of `block`, layer `layer`, K (kv = 0) or V (kv = 1), head 0.
-  int64_t offset(int64_t block, int32_t layer, int kv, int32_t slot) const {
+  DEN_HOST_DEVICE int64_t offset(int64_t block, int32_t layer, int kv, int32_t slot) const {
     return block * layout.block_elements() + layer * layout.layer_elements() + kv * layout.slab_elements() +
            slot * layout.token_elements();
   }
@@ -56,6 +55,18 @@ struct PagedKvView {
 struct PagedSequence {
   std::span<const int32_t> block_table;  // [ceil(kv_tokens / block_tokens)] block ids
   int32_t kv_tokens = 0;                 // tokens whose K/V are (or are being) stored
+};
+
+// The new tokens of one engine step and the sequences they belong to, as device arrays the
+// backend builds per step (the GPU counterpart of a list of PagedSequence).
+struct PagedBatch {
+  const int32_t* block_tables = nullptr;   // every sequence's block table, concatenated
+  const int32_t* table_offsets = nullptr;  // [n_seqs] where each sequence's table starts
+  const int32_t* kv_lengths = nullptr;     // [n_seqs] tokens in its KV after this step
+  const int32_t* token_seq = nullptr;      // [n_tokens] the sequence of each new token
+  const int32_t* token_pos = nullptr;      // [n_tokens] the position of each new token
+  int32_t n_seqs = 0;
+  int32_t n_tokens = 0;
 };
 
 }  // namespace den::kernels

@@ -5,14 +5,17 @@
 #include <cstdint>
 
 #include "den/kernels/cuda_stream.h"
+#include "den/kernels/dtype.h"
 
 namespace den::kernels {
 
 // x: [n_rows, n]  weight: [n]  y: [n_rows, n] (may alias x)
 void rmsnorm_ref(const float* x, const float* weight, float* y, int64_t n_rows, int64_t n, float eps);
 
-// Same contract on device memory. Requires a build with CUDA.
-void rmsnorm_cuda(const float* x, const float* weight, float* y, int64_t n_rows, int64_t n, float eps,
-                  CudaStream stream);
+// Same formula on device memory, the output in `y_type` (the GEMM input type). rows, when not
+// null, picks input row rows[r] for output row r (the rows whose logits a step wants).
+// x: [*, n] float  weight: [n] float  y: [n_rows, n] y_type  rows: [n_rows] or null
+void rmsnorm_cuda(const float* x, const float* weight, void* y, DType y_type, const int32_t* rows, int64_t n_rows,
+                  int64_t n, float eps, CudaStream stream);
 
 }  // namespace den::kernels

@@ -14,7 +14,7 @@
 #include "den/engine/backend.h"
 #include "den/engine/model.h"
 #include "den/engine/sampler.h"
-#include "den/memory/host_block_pool.h"
+#include "den/memory/block_pool.h"
 
 namespace den::runtime {
 
@@ -59,17 +59,18 @@ class LocalGenerator {
   int32_t max_context() const { return max_context_; }
 
  private:
-  // Appends tokens to the KV; leaves the logits of the last one in last_logits_ when asked.
-  void feed(std::span<const int32_t> tokens, bool want_logits);
+  // Appends tokens to the KV and returns the token sampled after the last one (draw `step`).
+  // With top_logprobs > 0 the logits come to the host and are sampled there (same rule).
+  GeneratedToken feed_and_sample(std::span<const int32_t> tokens, const GenerationOptions& options,
+                                 std::span<const int32_t> history, uint64_t step);
 
   const engine::Model& model_;
   engine::Backend& backend_;
   int32_t max_context_;
-  memory::HostBlockPool pool_;
+  memory::BlockPool pool_;
   memory::SequenceBlocks blocks_;
   std::vector<int32_t> history_;
   engine::StepOutput step_;
-  std::vector<float> last_logits_;
 };
 
 }  // namespace den::runtime

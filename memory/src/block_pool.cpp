@@ -1,5 +1,5 @@
-// HostBlockPool and SequenceBlocks.
-#include "den/memory/host_block_pool.h"
+// BlockPool and SequenceBlocks.
+#include "den/memory/block_pool.h"
 
 #include <cstdlib>
 #include <limits>
@@ -8,56 +8,87 @@
 #include <string>
 #include <utility>
 
-#include "den/kernels/half.h"
+#ifdef DEN_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "den/kernels/cuda_check.h"
+#endif
 
 namespace den::memory {
 namespace {
 
 constexpr size_t kAlignment = 64;
 
-void poison_block(void* base, const kernels::KvLayout& layout, int32_t block) {
-  const int64_t n = layout.block_elements();
-  if (layout.dtype == kernels::KvDtype::f32) {
-    float* p = static_cast<float*>(base) + block * n;
-    for (int64_t i = 0; i < n; ++i) p[i] = std::numeric_limits<float>::quiet_NaN();
-  } else {
-    // 0x7e00 is a quiet NaN in fp16, 0x7fc0 in bf16.
-    const uint16_t nan = layout.dtype == kernels::KvDtype::f16 ? 0x7e00 : 0x7fc0;
-    uint16_t* p = static_cast<uint16_t*>(base) + block * n;
-    for (int64_t i = 0; i < n; ++i) p[i] = nan;
-  }
-}
-
 }  // namespace
 
-void HostBlockPool::AlignedFree::operator()(void* p) const { std::free(p); }
-
-HostBlockPool::HostBlockPool(const kernels::KvLayout& layout, int64_t n_blocks, bool poison)
-    : layout_(layout), n_blocks_(n_blocks), poison_(poison) {
+BlockPool::BlockPool(const kernels::KvLayout& layout, int64_t n_blocks, Placement placement, bool poison)
+    : layout_(layout), n_blocks_(n_blocks), placement_(placement), poison_(poison) {
   if (n_blocks <= 0 || n_blocks > std::numeric_limits<int32_t>::max() || layout.block_bytes() <= 0) {
     throw std::invalid_argument("KV block pool: " + std::to_string(n_blocks) + " blocks of " +
                                 std::to_string(layout.block_bytes()) + " bytes is not a valid pool");
   }
   const auto bytes = static_cast<size_t>(layout.block_bytes()) * static_cast<size_t>(n_blocks);
-  void* p = std::aligned_alloc(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
-  if (p == nullptr) {
-    throw std::runtime_error("KV block pool: cannot allocate " + std::to_string(bytes) + " bytes of host memory");
+  if (placement == Placement::host) {
+    storage_ = std::aligned_alloc(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
+    if (storage_ == nullptr) {
+      throw std::runtime_error("KV block pool: cannot allocate " + std::to_string(bytes) + " bytes of host memory");
+    }
+  } else {
+#ifdef DEN_HAVE_CUDA
+    if (cudaMalloc(&storage_, bytes) != cudaSuccess) {
+      (void)cudaGetLastError();
+      throw std::runtime_error("KV block pool: cannot allocate " + std::to_string(bytes) + " bytes of device memory");
+    }
+#else
+    throw std::runtime_error("KV block pool: device memory needs a build with CUDA");
+#endif
   }
-  storage_.reset(p);
   free_.reserve(static_cast<size_t>(n_blocks));
   // Highest id at the bottom of the stack: blocks come out in ascending order.
   for (int64_t b = n_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
 }
 
-std::optional<int32_t> HostBlockPool::allocate() {
+BlockPool::~BlockPool() {
+  if (placement_ == Placement::host) {
+    std::free(storage_);
+  } else {
+#ifdef DEN_HAVE_CUDA
+    cudaFree(storage_);
+#endif
+  }
+}
+
+void BlockPool::poison_block(int32_t block) {
+  const int64_t n = layout_.block_elements();
+  const int64_t bytes = layout_.block_bytes();
+  char* base = static_cast<char*>(storage_) + block * bytes;
+  if (placement_ == Placement::device) {
+#ifdef DEN_HAVE_CUDA
+    // All-ones bytes are a NaN in f32, f16 and bf16 alike.
+    kernels::check(cudaMemset(base, 0xff, static_cast<size_t>(bytes)));
+#endif
+    return;
+  }
+  if (layout_.dtype == kernels::DType::f32) {
+    float* p = reinterpret_cast<float*>(base);
+    for (int64_t i = 0; i < n; ++i) p[i] = std::numeric_limits<float>::quiet_NaN();
+  } else {
+    // 0x7e00 is a quiet NaN in fp16, 0x7fc0 in bf16.
+    const uint16_t nan = layout_.dtype == kernels::DType::f16 ? 0x7e00 : 0x7fc0;
+    uint16_t* p = reinterpret_cast<uint16_t*>(base);
+    for (int64_t i = 0; i < n; ++i) p[i] = nan;
+  }
+}
+
+std::optional<int32_t> BlockPool::allocate() {
   if (free_.empty()) return std::nullopt;
   const int32_t block = free_.back();
   free_.pop_back();
-  if (poison_) poison_block(storage_.get(), layout_, block);
+  if (poison_) poison_block(block);
   return block;
 }
 
-void HostBlockPool::release(int32_t block) { free_.push_back(block); }
+void BlockPool::release(int32_t block) { free_.push_back(block); }
 
 SequenceBlocks::~SequenceBlocks() { release_all(); }
 

@@ -2,17 +2,17 @@
 #include <cmath>
 #include <set>
 
-#include "den/memory/host_block_pool.h"
+#include "den/memory/block_pool.h"
 #include "test_support.h"
 
 using namespace den;
 
 namespace {
-const kernels::KvLayout kLayout{2, 2, 8, 4, kernels::KvDtype::f32};
+const kernels::KvLayout kLayout{2, 2, 8, 4, kernels::DType::f32};
 }
 
 TEST_CASE("blocks are handed out once and come back") {
-  memory::HostBlockPool pool(kLayout, 5, false);
+  memory::BlockPool pool(kLayout, 5, memory::Placement::host, false);
   std::set<int32_t> ids;
   for (int i = 0; i < 5; ++i) ids.insert(*pool.allocate());
   CHECK(ids.size() == 5);
@@ -24,14 +24,14 @@ TEST_CASE("blocks are handed out once and come back") {
 }
 
 TEST_CASE("poisoned blocks hold NaN until written") {
-  memory::HostBlockPool pool(kLayout, 2, true);
+  memory::BlockPool pool(kLayout, 2, memory::Placement::host, true);
   const int32_t b = *pool.allocate();
   const auto* p = static_cast<const float*>(pool.view().blocks) + b * kLayout.block_elements();
   for (int64_t i = 0; i < kLayout.block_elements(); ++i) REQUIRE(std::isnan(p[i]));
 }
 
 TEST_CASE("SequenceBlocks reserves, shrinks, and returns its blocks when destroyed") {
-  memory::HostBlockPool pool(kLayout, 4, false);
+  memory::BlockPool pool(kLayout, 4, memory::Placement::host, false);
   {
     memory::SequenceBlocks seq(pool);
     CHECK(seq.reserve(5));  // 4 tokens per block: 2 blocks
@@ -50,5 +50,5 @@ TEST_CASE("SequenceBlocks reserves, shrinks, and returns its blocks when destroy
 }
 
 TEST_CASE("a pool that cannot exist is refused with its size") {
-  CHECK_THROWS_WITH(memory::HostBlockPool(kLayout, 0, false), doctest::Contains("0 blocks"));
+  CHECK_THROWS_WITH(memory::BlockPool(kLayout, 0, memory::Placement::host, false), doctest::Contains("0 blocks"));
 }

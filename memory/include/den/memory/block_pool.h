@@ -1,6 +1,6 @@
-// A pool of KV blocks in host memory, allocated once, handed out by id, and the block table
-// of one sequence over it. This is the first tier on the CPU backend; the session memory
-// manager (issue #4) builds its HBM / DRAM / SSD tiers on the same block ids and layout.
+// A pool of KV blocks allocated once, in host memory (the CPU backend's first tier) or device
+// memory (the CUDA backend's HBM tier), handed out by id; and the block table of one sequence
+// over it. The session memory manager (issue #4) builds its tiers on the same ids and layout.
 #pragma once
 
 #include <cstdint>
@@ -13,37 +13,42 @@
 
 namespace den::memory {
 
-class HostBlockPool {
+enum class Placement { host, device };
+
+class BlockPool {
  public:
   // poison: fill blocks with NaN when handed out, so that a kernel reading a slot nobody
   // wrote produces NaN instead of a plausible number (on in debug builds and in tests).
-  HostBlockPool(const kernels::KvLayout& layout, int64_t n_blocks, bool poison);
-  HostBlockPool(const HostBlockPool&) = delete;
-  HostBlockPool& operator=(const HostBlockPool&) = delete;
+  // Device placement needs a CUDA build and allocates on the current device.
+  BlockPool(const kernels::KvLayout& layout, int64_t n_blocks, Placement placement, bool poison);
+  ~BlockPool();
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
 
   std::optional<int32_t> allocate();
   void release(int32_t block);
 
   int64_t capacity() const { return n_blocks_; }
   int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
+  Placement placement() const { return placement_; }
   const kernels::KvLayout& layout() const { return layout_; }
-  kernels::PagedKvView view() const { return {storage_.get(), n_blocks_, layout_}; }
+  kernels::PagedKvView view() const { return {storage_, n_blocks_, layout_}; }
 
  private:
-  struct AlignedFree {
-    void operator()(void* p) const;
-  };
+  void poison_block(int32_t block);
+
   kernels::KvLayout layout_;
   int64_t n_blocks_;
+  Placement placement_;
   bool poison_;
-  std::unique_ptr<void, AlignedFree> storage_;
+  void* storage_ = nullptr;
   std::vector<int32_t> free_;  // stack of free block ids
 };
 
 // The blocks of one sequence, in order. Releases them to the pool when destroyed.
 class SequenceBlocks {
  public:
-  explicit SequenceBlocks(HostBlockPool& pool) : pool_(&pool) {}
+  explicit SequenceBlocks(BlockPool& pool) : pool_(&pool) {}
   ~SequenceBlocks();
   SequenceBlocks(SequenceBlocks&& other) noexcept;
   SequenceBlocks& operator=(SequenceBlocks&& other) noexcept;
@@ -58,7 +63,7 @@ class SequenceBlocks {
 
  private:
   void release_all() noexcept;
-  HostBlockPool* pool_;
+  BlockPool* pool_;
   std::vector<int32_t> blocks_;
 };
 

@@ -1,0 +1,60 @@
+// The cuBLAS handle of a device context (RAII) and the one matrix product the decoder needs:
+// Y[t, r] (+)= sum_k W[r, k] X[t, k] with W row-major [n_out, n_in] in the weight type, X in the
+// same type, Y float32, fp32 accumulation. Private to the CUDA backend.
+#pragma once
+
+#include <cublas_v2.h>
+
+#include <source_location>
+#include <stdexcept>
+#include <string>
+
+#include "den/kernels/cuda_resources.h"
+#include "den/kernels/dtype.h"
+
+namespace den::engine::cuda {
+
+inline void check_cublas(cublasStatus_t status, std::source_location where = std::source_location::current()) {
+  if (status == CUBLAS_STATUS_SUCCESS) return;
+  throw std::runtime_error(std::string("cuBLAS error ") + cublasGetStatusName(status) + " (" +
+                           cublasGetStatusString(status) + ") at " + where.file_name() + ":" +
+                           std::to_string(where.line()));
+}
+
+class CublasHandle {
+ public:
+  CublasHandle(cudaStream_t stream, size_t workspace_bytes) : workspace_(workspace_bytes) {
+    check_cublas(cublasCreate(&handle_));
+    check_cublas(cublasSetStream(handle_, stream));
+    check_cublas(cublasSetWorkspace(handle_, workspace_.get(), workspace_.bytes()));
+    // Pure fp32 for f32 models (no TF32): the f32 path is the exactness reference on the GPU.
+    check_cublas(cublasSetMathMode(handle_, CUBLAS_DEFAULT_MATH));
+  }
+  ~CublasHandle() {
+    if (handle_ != nullptr) cublasDestroy(handle_);
+  }
+  CublasHandle(const CublasHandle&) = delete;
+  CublasHandle& operator=(const CublasHandle&) = delete;
+
+  // weights: [n_out, n_in] row-major; x: [n_tokens, n_in]; y: [n_tokens, n_out] float.
+  // beta = 1 accumulates into y (the residual stream), beta = 0 overwrites.
+  void matmul(const void* weights, kernels::DType type, const void* x, int64_t n_tokens, int64_t n_in, int64_t n_out,
+              float* y, float beta) const {
+    const float alpha = 1.0f;
+    const cudaDataType_t t = type == kernels::DType::f32   ? CUDA_R_32F
+                             : type == kernels::DType::f16 ? CUDA_R_16F
+                                                           : CUDA_R_16BF;
+    check_cublas(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n_out), static_cast<int>(n_tokens),
+                              static_cast<int>(n_in), &alpha, weights, t, static_cast<int>(n_in), x, t,
+                              static_cast<int>(n_in), &beta, y, CUDA_R_32F, static_cast<int>(n_out),
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+  cublasHandle_t get() const { return handle_; }
+
+ private:
+  kernels::DeviceBuffer workspace_;
+  cublasHandle_t handle_ = nullptr;
+};
+
+}  // namespace den::engine::cuda

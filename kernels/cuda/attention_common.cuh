@@ -1,0 +1,89 @@
+// Pieces shared by the attention kernels: online-softmax state (log2 domain), the dispatch of
+// the fast-path instances (the one place that lists the supported dtype x head_dim pairs), and
+// the launchers each .cu provides. Private to kernels/cuda.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <type_traits>
+
+#include "den/kernels/attention.h"
+#include "device_types.cuh"
+
+namespace den::kernels {
+
+// Running max m, sum l and accumulator of exp2(score - m)-weighted values, for N elements.
+template <int N>
+struct SoftmaxState {
+  float m = -INFINITY;
+  float l = 0.0f;
+  float acc[N] = {};
+
+  __device__ __forceinline__ void add(float s, const float* v) {
+    const float m_new = fmaxf(m, s);
+    const float correction = exp2f(m - m_new);  // m == -inf: exp2(-inf) = 0
+    const float p = exp2f(s - m_new);
+    l = l * correction + p;
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] = fmaf(p, v[i], acc[i] * correction);
+    m = m_new;
+  }
+
+  __device__ __forceinline__ void merge(const SoftmaxState& o) {
+    const float m_new = fmaxf(m, o.m);
+    if (m_new == -INFINITY) return;  // both empty
+    const float a = exp2f(m - m_new), b = exp2f(o.m - m_new);
+    l = l * a + o.l * b;
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] = acc[i] * a + o.acc[i] * b;
+    m = m_new;
+  }
+
+  // Merges with the state held by lane ^ offset (every lane of the warp must call this).
+  __device__ __forceinline__ void merge_shuffle(int offset) {
+    SoftmaxState o;
+    o.m = __shfl_xor_sync(0xffffffffu, m, offset);
+    o.l = __shfl_xor_sync(0xffffffffu, l, offset);
+#pragma unroll
+    for (int i = 0; i < N; ++i) o.acc[i] = __shfl_xor_sync(0xffffffffu, acc[i], offset);
+    merge(o);
+  }
+};
+
+// The fast-path instances: f16 and bf16 KV, head_dim 64 and 128.
+template <typename F>
+void dispatch_half_types(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f16:
+      return f(__half{});
+    case DType::bf16:
+      return f(__nv_bfloat16{});
+    default:
+      throw std::logic_error("attention fast path: KV dtype must be f16 or bf16");
+  }
+}
+
+template <typename F>
+void dispatch_head_dim(int32_t head_dim, F&& f) {
+  switch (head_dim) {
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    default:
+      throw std::logic_error("attention fast path: head_dim must be 64 or 128");
+  }
+}
+
+void decode_attention_launch(const void* q, void* out, const PagedKvView& kv, const PagedBatch& batch,
+                             const AttentionPlan& plan, int32_t layer, int32_t n_heads, float scale, CudaStream stream);
+void prefill_attention_launch(const void* q, void* out, const PagedKvView& kv, const PagedBatch& batch,
+                              const AttentionPlan& plan, int32_t layer, int32_t n_heads, float scale,
+                              CudaStream stream);
+void generic_attention_launch(const void* q, void* out, const PagedKvView& kv, const PagedBatch& batch, int32_t layer,
+                              int32_t n_heads, float scale, CudaStream stream);
+
+}  // namespace den::kernels

@@ -1,0 +1,35 @@
+// SwiGLU on the GPU over the fused gate/up output: same formula as swiglu_ref (expf, not the
+// fast approximation).
+#include "den/kernels/cuda_check.h"
+#include "den/kernels/swiglu.h"
+#include "device_types.cuh"
+
+namespace den::kernels {
+namespace {
+
+template <typename T>
+__global__ void swiglu_kernel(const float* __restrict__ gate_up, T* __restrict__ out, int64_t n_tokens, int64_t n_ff) {
+  const int64_t total = n_tokens * n_ff;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / n_ff, j = i % n_ff;
+    const float g = gate_up[t * 2 * n_ff + j];
+    const float u = gate_up[t * 2 * n_ff + n_ff + j];
+    out[i] = from_float<T>(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+}  // namespace
+
+void swiglu_cuda(const float* gate_up, void* out, DType out_type, int64_t n_tokens, int64_t n_ff, CudaStream stream) {
+  const int64_t total = n_tokens * n_ff;
+  if (total == 0) return;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 65535));
+  dispatch_dtype(out_type, [&](auto tag) {
+    using T = decltype(tag);
+    swiglu_kernel<T><<<blocks, 256, 0, stream>>>(gate_up, static_cast<T*>(out), n_tokens, n_ff);
+  });
+  check_launch();
+}
+
+}  // namespace den::kernels
