@@ -9,7 +9,9 @@ bool attention_fast_path(DType kv_dtype, int32_t head_dim) {
 }
 
 size_t attention_workspace_bytes(int32_t n_decode, int32_t n_heads, int32_t n_splits, int32_t head_dim) {
-  return static_cast<size_t>(n_decode) * n_heads * n_splits * (head_dim + 2) * sizeof(float);
+  // Merge counters first (a fixed region, so their place never changes between steps), then
+  // the partial states of the splits.
+  return kAttentionCounterBytes + static_cast<size_t>(n_decode) * n_heads * n_splits * (head_dim + 2) * sizeof(float);
 }
 
 void paged_attention_cuda(const void* q, void* out, const PagedKvView& kv, const PagedBatch& batch,

@@ -1,10 +1,15 @@
 // Decode attention over paged KV (f16/bf16, head_dim 64 or 128), one query token per sequence.
-// A block handles (KV head, split, sequence): its lanes are grouped LANES_PER_TOKEN to a KV row
-// (16-byte loads, so a row is read once, coalesced) and each group computes the scores of all
-// G query heads that share the KV head, with an online softmax per head. Splits of long
-// contexts keep the grid full; a second kernel merges their (max, sum, accumulator) states.
-// Each lane group loads kUnroll rows before using any (bytes in flight hide HBM latency).
-// Scores are kept in the log2 domain (q pre-scaled by scale * log2 e) so exp2f does the work.
+// A block of 4 warps handles (KV head, split, sequence) and walks its split in chunks of up to
+// kChunk positions, in three phases per chunk:
+//   A. scores: lanes grouped LANES_PER_ROW to a K row (16-byte loads, each row read once for
+//      all G query heads sharing the KV head), kUnroll rows per group in flight; scores go to
+//      shared memory;
+//   B. softmax bookkeeping: warp g takes head g's chunk max, rescales its running sum;
+//   C. values: the same lane groups accumulate p * V rows in registers, kUnroll rows in flight.
+// No per-row dependency chain (unlike a per-row online softmax), modest registers, many bytes
+// in flight. Splits of a sequence write partial (max, sum, accumulator) states; the last block
+// to finish a (sequence, KV head) merges them (a counter per pair, reset by that block), so no
+// second kernel is launched; the merge loads every split's state in parallel. Scores are in the log2 domain (q pre-scaled by scale * log2 e).
 #include <cmath>
 
 #include "attention_common.cuh"
@@ -15,16 +20,21 @@ namespace den::kernels {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kUnroll = 4;  // KV rows each lane group loads before using them (bytes in flight)
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunk = 256;   // positions per chunk (scores in shared memory)
+constexpr int kUnroll = 8;    // rows per lane group in flight
+constexpr int kMaxSplits = 128;
 
 template <typename T, int HD, int G>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kThreads)
     decode_attention_kernel(const T* __restrict__ q, T* __restrict__ out, PagedKvView kv, PagedBatch batch,
                             const int32_t* __restrict__ decode_tokens, int32_t layer, int32_t n_heads,
-                            float scale_log2, int32_t split_tokens, int32_t n_splits, float* __restrict__ partial) {
+                            float scale_log2, int32_t split_tokens, int32_t n_splits, float* __restrict__ partial,
+                            int32_t* __restrict__ counters) {
   constexpr int VEC = kVec<T>;
-  constexpr int LPT = HD / VEC;  // lanes per KV row
-  constexpr int TPW = 32 / LPT;  // KV rows per warp per load
+  constexpr int LPR = HD / VEC;  // lanes per row
+  constexpr int RPW = 32 / LPR;  // rows per warp per load
+  constexpr int ROWS_PER_PASS = kWarps * RPW * kUnroll;
   const int kv_head = blockIdx.x, split = blockIdx.y, d = blockIdx.z;
   const int token = decode_tokens[d];
   const int seq = batch.token_seq[token];
@@ -32,7 +42,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int begin = split * split_tokens;
   const int end = min(len, begin + split_tokens);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int slot = lane / LPT, part = lane % LPT;
+  const int slot = lane / LPR, part = lane % LPR;
+
+  __shared__ float scores[G][kChunk];
+  __shared__ float run_max[G], run_sum[G], rescale[G];
+  __shared__ float reduce_buf[kWarps][G][HD];
 
   float qv[G][VEC];
 #pragma unroll
@@ -41,88 +55,186 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int i = 0; i < VEC; ++i) qv[g][i] *= scale_log2;
   }
-  SoftmaxState<VEC> st[G];
+  float acc[G][VEC];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[g][i] = 0.0f;
+  if (threadIdx.x < G) {
+    run_max[threadIdx.x] = -INFINITY;
+    run_sum[threadIdx.x] = 0.0f;
+  }
+
   const int32_t* table = batch.block_tables + batch.table_offsets[seq];
   const T* pool = static_cast<const T*>(kv.blocks);
   const int bt = kv.layout.block_tokens;
   const int64_t v_offset = kv.layout.slab_elements();
-  // Warp-uniform loop (the shuffles need every lane); rows past `end` are masked.
-  for (int base = begin + warp * TPW * kUnroll; base < end; base += kWarps * TPW * kUnroll) {
-    float kf[kUnroll][VEC], vf[kUnroll][VEC];
-    bool valid[kUnroll];
+  auto row_offset = [&](int p) {
+    return kv.offset(table[p / bt], layer, 0, p % bt) + static_cast<int64_t>(kv_head) * HD + part * VEC;
+  };
+
+  for (int c0 = begin; c0 < end; c0 += kChunk) {
+    const int c_end = min(end, c0 + kChunk);
+    // A: scores of this chunk.
+    for (int base = c0 + warp * RPW; base < c0 + kChunk; base += ROWS_PER_PASS) {
+      float kf[kUnroll][VEC];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int p = base + u * TPW + slot;
-      valid[u] = p < end;
-      if (valid[u]) {
-        const int64_t row = kv.offset(table[p / bt], layer, 0, p % bt) + kv_head * HD + part * VEC;
-        load_vec(pool + row, kf[u]);
-        load_vec(pool + row + v_offset, vf[u]);
-      } else {
+      for (int u = 0; u < kUnroll; ++u) {
+        const int p = base + u * kWarps * RPW + slot;
+        if (p < c_end) {
+          load_vec(pool + row_offset(p), kf[u]);
+        } else {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) kf[u][i] = vf[u][i] = 0.0f;
+          for (int i = 0; i < VEC; ++i) kf[u][i] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int p = base + u * kWarps * RPW + slot;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          float s = 0.0f;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) s = fmaf(qv[g][i], kf[u][i], s);
+#pragma unroll
+          for (int off = LPR / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+          if (part == 0 && p < c0 + kChunk) scores[g][p - c0] = p < c_end ? s : -INFINITY;
+        }
       }
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float s = 0.0f;
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) s = fmaf(qv[g][i], kf[u][i], s);
-#pragma unroll
-        for (int off = LPT / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (valid[u]) st[g].add(s, vf[u]);
+    __syncthreads();
+    // B: warp g turns head g's scores into weights and updates its running max and sum.
+    if (warp < G) {
+      const int g = warp;
+      float m = -INFINITY;
+      for (int i = lane; i < kChunk; i += 32) m = fmaxf(m, scores[g][i]);
+      m = warp_max(m);
+      const float m_new = fmaxf(run_max[g], m);
+      float l = 0.0f;
+      for (int i = lane; i < kChunk; i += 32) {
+        const float w = exp2f(scores[g][i] - m_new);  // -inf -> 0
+        scores[g][i] = w;
+        l += w;
+      }
+      l = warp_sum(l);
+      if (lane == 0) {
+        const float r = exp2f(run_max[g] - m_new);
+        rescale[g] = r;
+        run_sum[g] = run_sum[g] * r + l;
+        run_max[g] = m_new;
       }
     }
-  }
-  // Merge the row groups of the warp, then the warps through shared memory.
+    __syncthreads();
+    // C: weighted values.
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < G; ++g)
 #pragma unroll
-    for (int off = LPT; off < 32; off *= 2) st[g].merge_shuffle(off);
+      for (int i = 0; i < VEC; ++i) acc[g][i] *= rescale[g];
+    for (int base = c0 + warp * RPW; base < c_end; base += ROWS_PER_PASS) {
+      float vf[kUnroll][VEC];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int p = base + u * kWarps * RPW + slot;
+        if (p < c_end) {
+          load_vec(pool + row_offset(p) + v_offset, vf[u]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) vf[u][i] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int p = base + u * kWarps * RPW + slot;
+        if (p >= c_end) continue;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float w = scores[g][p - c0];
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[g][i] = fmaf(w, vf[u][i], acc[g][i]);
+        }
+      }
+    }
+    __syncthreads();  // scores are rewritten by the next chunk
   }
-  __shared__ float smem[kWarps][G][2 + HD];
+
+  // Sum the accumulators over the row groups of each warp, then over the warps.
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i)
+#pragma unroll
+      for (int off = LPR; off < 32; off *= 2) acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], off);
   if (slot == 0) {
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      if (part == 0) {
-        smem[warp][g][0] = st[g].m;
-        smem[warp][g][1] = st[g].l;
-      }
+    for (int g = 0; g < G; ++g)
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) smem[warp][g][2 + part * VEC + i] = st[g].acc[i];
-    }
+      for (int i = 0; i < VEC; ++i) reduce_buf[warp][g][part * VEC + i] = acc[g][i];
   }
   __syncthreads();
-  if (warp != 0 || slot != 0) return;
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    SoftmaxState<VEC> total;
-    for (int w = 0; w < kWarps; ++w) {
-      SoftmaxState<VEC> other;
-      other.m = smem[w][g][0];
-      other.l = smem[w][g][1];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) other.acc[i] = smem[w][g][2 + part * VEC + i];
-      total.merge(other);
-    }
+  const bool single = n_splits == 1;
+  for (int e = threadIdx.x; e < G * HD; e += kThreads) {
+    const int g = e / HD, col = e % HD;
+    float total = 0.0f;
+    for (int w = 0; w < kWarps; ++w) total += reduce_buf[w][g][col];
     const int head = kv_head * G + g;
-    if (n_splits == 1) {
-      float o[VEC];
-      const float inv = total.l > 0.0f ? 1.0f / total.l : 0.0f;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) o[i] = total.acc[i] * inv;
-      store_vec(out + (static_cast<int64_t>(token) * n_heads + head) * HD + part * VEC, o);
+    if (single) {
+      out[(static_cast<int64_t>(token) * n_heads + head) * HD + col] =
+          from_float<T>(run_sum[g] > 0.0f ? total / run_sum[g] : 0.0f);
     } else {
       float* dst = partial + ((static_cast<int64_t>(d) * n_heads + head) * n_splits + split) * (HD + 2);
-      if (part == 0) {
-        dst[0] = total.m;
-        dst[1] = total.l;
+      if (col == 0) {
+        dst[0] = run_max[g];
+        dst[1] = run_sum[g];
       }
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) dst[2 + part * VEC + i] = total.acc[i];
+      dst[2 + col] = total;
     }
+  }
+  if (single) return;
+
+  // The last split to finish merges all of them.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* counter = counters + static_cast<int64_t>(d) * kv.layout.n_kv_heads + kv_head;
+    last = atomicAdd(counter, 1) == n_splits - 1;
+    if (last) *counter = 0;  // ready for the next launch
+  }
+  __syncthreads();
+  if (!last) return;
+  // Merge: every split's (max, sum) into shared memory in one parallel load, the scale of each
+  // split per head, then each output element as independent L2 loads (__ldcg: other blocks
+  // wrote them; L1 may hold nothing stale).
+  __threadfence();
+  __shared__ float split_max[kMaxSplits][G], split_scale[kMaxSplits][G], inv_total[G];
+  const float* head_base = partial + (static_cast<int64_t>(d) * n_heads + kv_head * G) * n_splits * (HD + 2);
+  for (int i = threadIdx.x; i < n_splits * G; i += kThreads) {
+    const int s = i / G, g = i % G;
+    const float* state = head_base + (static_cast<int64_t>(g) * n_splits + s) * (HD + 2);
+    split_max[s][g] = __ldcg(state);
+    split_scale[s][g] = __ldcg(state + 1);  // the sum for now
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float m = -INFINITY;
+    for (int s = 0; s < n_splits; ++s) m = fmaxf(m, split_max[s][g]);
+    float l = 0.0f;
+    for (int s = 0; s < n_splits; ++s) {
+      const float f = m == -INFINITY ? 0.0f : exp2f(split_max[s][g] - m);
+      l += split_scale[s][g] * f;
+      split_scale[s][g] = f;
+    }
+    inv_total[g] = l > 0.0f ? 1.0f / l : 0.0f;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < G * HD; e += kThreads) {
+    const int g = e / HD, col = e % HD;
+    const float* acc_base = head_base + static_cast<int64_t>(g) * n_splits * (HD + 2) + 2 + col;
+    float a = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < n_splits; ++s) a = fmaf(split_scale[s][g], __ldcg(acc_base + static_cast<int64_t>(s) * (HD + 2)), a);
+    out[(static_cast<int64_t>(token) * n_heads + kv_head * G + g) * HD + col] = from_float<T>(a * inv_total[g]);
   }
 }
 
@@ -141,54 +253,34 @@ void dispatch_group(int32_t group, F&& f) {
   }
 }
 
-// One block per (sequence, head), one thread per output element.
-template <typename T, int HD>
-__global__ void decode_combine_kernel(T* __restrict__ out, const int32_t* __restrict__ decode_tokens, int32_t n_heads,
-                                      int32_t n_splits, const float* __restrict__ partial) {
-  const int d = blockIdx.x, head = blockIdx.y, e = threadIdx.x;
-  const float* base = partial + (static_cast<int64_t>(d) * n_heads + head) * n_splits * (HD + 2);
-  float m = -INFINITY;
-  for (int s = 0; s < n_splits; ++s) m = fmaxf(m, base[s * (HD + 2)]);
-  float l = 0.0f, acc = 0.0f;
-  if (m != -INFINITY) {
-    for (int s = 0; s < n_splits; ++s) {
-      const float ms = base[s * (HD + 2)];
-      if (ms == -INFINITY) continue;
-      const float f = exp2f(ms - m);
-      l += base[s * (HD + 2) + 1] * f;
-      acc += base[s * (HD + 2) + 2 + e] * f;
-    }
-  }
-  out[(static_cast<int64_t>(decode_tokens[d]) * n_heads + head) * HD + e] = from_float<T>(l > 0.0f ? acc / l : 0.0f);
-}
-
 }  // namespace
 
 void decode_attention_launch(const void* q, void* out, const PagedKvView& kv, const PagedBatch& batch,
                              const AttentionPlan& plan, int32_t layer, int32_t n_heads, float scale,
                              CudaStream stream) {
   if (plan.n_decode == 0) return;
+  if (plan.n_splits > kMaxSplits) throw std::invalid_argument("decode attention: at most 128 KV splits");
   const int32_t n_kv = kv.layout.n_kv_heads;
   const int32_t group = n_heads / n_kv;
   const float scale_log2 = scale * 1.4426950408889634f;
   const dim3 grid(static_cast<unsigned>(n_kv), static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(plan.n_decode));
+  if (static_cast<size_t>(plan.n_decode) * n_kv * sizeof(int32_t) > kAttentionCounterBytes) {
+    throw std::invalid_argument("decode attention: too many sequences in one step for the merge counters");
+  }
+  // The workspace: merge counters, then the partial states.
+  int32_t* counters = reinterpret_cast<int32_t*>(plan.partial);
+  float* partial = reinterpret_cast<float*>(reinterpret_cast<char*>(plan.partial) + kAttentionCounterBytes);
   dispatch_half_types(kv.layout.dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim(kv.layout.head_dim, [&](auto hd_tag) {
       constexpr int HD = decltype(hd_tag)::value;
       dispatch_group(group, [&](auto g_tag) {
         constexpr int G = decltype(g_tag)::value;
-        decode_attention_kernel<T, HD, G><<<grid, kWarps * 32, 0, stream>>>(
+        decode_attention_kernel<T, HD, G><<<grid, kThreads, 0, stream>>>(
             static_cast<const T*>(q), static_cast<T*>(out), kv, batch, plan.decode_tokens, layer, n_heads, scale_log2,
-            plan.split_tokens, plan.n_splits, plan.partial);
+            plan.split_tokens, plan.n_splits, partial, counters);
       });
       check_launch();
-      if (plan.n_splits > 1) {
-        decode_combine_kernel<T, HD><<<dim3(static_cast<unsigned>(plan.n_decode), static_cast<unsigned>(n_heads)), HD,
-                                      0, stream>>>(static_cast<T*>(out), plan.decode_tokens, n_heads, plan.n_splits,
-                                                   plan.partial);
-        check_launch();
-      }
     });
   });
 }

@@ -298,9 +298,9 @@ __global__ void __launch_bounds__(kThreads)
         for (int i = threadIdx.x; i < n_vocab; i += kThreads) t += weight(i);
         const double goal = block_sum(t, scratch) * static_cast<double>(c.top_p);
         // The largest key whose tail (keys >= it) still holds the goal mass.
-        uint32_t lo = 0, hi = 0xffffffffu;
+        uint64_t lo = 0, hi = 0xffffffffu;  // 64-bit: hi - lo + 1 must not wrap
         while (lo < hi) {
-          const uint32_t mid = lo + (hi - lo + 1) / 2;
+          const uint64_t mid = lo + (hi - lo + 1) / 2;
           double part = 0.0;
           for (int i = threadIdx.x; i < n_vocab; i += kThreads) {
             if (ordered_key(l[i]) >= mid) part += weight(i);
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kThreads)
             hi = mid - 1;
           }
         }
-        p_threshold = lo;
+        p_threshold = static_cast<uint32_t>(lo);
       }
       const double min_weight = c.min_p > 0.0f ? static_cast<double>(c.min_p) : 0.0;
       auto kept_weight = [&](int i) -> double {

@@ -84,7 +84,7 @@ TEST_CASE("GPU sampling draws the reference's tokens") {
         worst_logprob = std::max(worst_logprob, static_cast<double>(std::abs(got_logprob[static_cast<size_t>(r)] -
                                                                              expected_logprob[static_cast<size_t>(r)])));
       }
-      MESSAGE(c.name << ", vocabulary " << n_vocab << ": " << mismatches << " of " << rows
+      MESSAGE(std::string(c.name) << ", vocabulary " << n_vocab << ": " << mismatches << " of " << rows
                      << " tokens differ; worst log-probability difference " << worst_logprob);
       if (c.exact) {
         CHECK(mismatches == 0);

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -17,6 +19,7 @@
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/cuda_resources.h"
 #include "den/kernels/embedding.h"
+#include "den/kernels/gemv.h"
 #include "den/kernels/qkv_rope_store.h"
 #include "den/kernels/rmsnorm.h"
 #include "den/kernels/sampling.h"
@@ -30,10 +33,16 @@ namespace {
 using kernels::DeviceBuffer;
 using kernels::DType;
 
-// A device buffer that only grows.
-void ensure(DeviceBuffer& buffer, size_t bytes) {
-  if (buffer.bytes() < bytes) buffer = DeviceBuffer(std::max(bytes, buffer.bytes() * 3 / 2));
+// A device buffer that only grows; true when it moved (captured graphs then go stale).
+bool ensure(DeviceBuffer& buffer, size_t bytes) {
+  if (buffer.bytes() >= bytes) return false;
+  buffer = DeviceBuffer(std::max(bytes, buffer.bytes() * 3 / 2));
+  return true;
 }
+
+// What a captured decode step depends on besides the contents of the plan's device arrays.
+using GraphKey =
+    std::tuple<int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, const void*, int64_t, const void*, bool>;
 
 class CudaBackend final : public Backend {
  public:
@@ -47,6 +56,11 @@ class CudaBackend final : public Backend {
     const auto threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     weights_ = cuda::upload_weights(model, type_, stream_.get(), threads);
     cublas_ = std::make_unique<cuda::CublasHandle>(stream_.get(), size_t{32} << 20);
+    const ModelConfig& c = model.config();
+    inv_rms_ = DeviceBuffer(kernels::kGemvMaxTokens * sizeof(float));
+    norm_partial_ = DeviceBuffer(static_cast<size_t>(kernels::kGemvMaxTokens) * (c.n_embd / 2 + 1) * sizeof(float));
+    norm_counter_ = DeviceBuffer(sizeof(int32_t));
+    kernels::check(cudaMemset(norm_counter_.get(), 0, sizeof(int32_t)));  // the kernels return it to zero
   }
 
   std::string_view name() const override { return "cuda"; }
@@ -60,56 +74,130 @@ class CudaBackend final : public Backend {
     const bool fast = kernels::attention_fast_path(kv.layout.dtype, c.head_dim);
     plan_.build(batch, c.n_heads, fast, sm_count_, c.n_kv_heads);
     const int64_t n = plan_.n_tokens();
-    reserve(n, plan_.n_logit_rows());
-    ensure(attention_workspace_, plan_.attention_workspace_bytes(c.n_heads, c.head_dim));
+    if (reserve(n, plan_.n_logit_rows())) graphs_.clear();
     plan_.upload(stream_.get());
-    run_layers(kv, n);
+    const bool gemv = use_gemv(n);
+    if (plan_.decode_only()) {
+      // Decode steps replay a captured graph: one launch instead of a hundred or more.
+      const GraphKey key{static_cast<int32_t>(n), plan_.n_logit_rows(), plan_.n_host_rows(), plan_.n_samples(),
+                         plan_.n_splits(),        plan_.split_tokens(),  kv.blocks,           kv.n_blocks,
+                         plan_.device_buffer(),   gemv};
+      auto it = graphs_.find(key);
+      if (it == graphs_.end()) {
+        if (graphs_.size() >= 64) graphs_.clear();
+        kernels::check(cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal));
+        run_layers(kv, n, gemv);
+        cudaGraph_t graph = nullptr;
+        kernels::check(cudaStreamEndCapture(stream_.get(), &graph));
+        const kernels::Graph captured(graph);
+        it = graphs_.emplace(key, kernels::GraphExec(captured.get())).first;
+      }
+      it->second.launch(stream_.get());
+    } else {
+      run_layers(kv, n, gemv);
+    }
     finish(out, batch.size());
   }
 
  private:
-  void reserve(int64_t n, int64_t rows) {
+  // Small steps use the fused GEMV kernels; larger ones cuBLAS.
+  bool use_gemv(int64_t n) const {
     const ModelConfig& c = model_.config();
-    const int64_t es = kernels::dtype_bytes(type_);
-    ensure(x_, static_cast<size_t>(n * c.n_embd * 4));
-    ensure(xn_, static_cast<size_t>(std::max(n, rows) * c.n_embd * es));
-    ensure(qkv_, static_cast<size_t>(n * (c.q_dim() + 2 * c.kv_dim()) * 4));
-    ensure(q_, static_cast<size_t>(n * c.q_dim() * es));
-    ensure(attn_, static_cast<size_t>(n * c.q_dim() * es));
-    ensure(gate_up_, static_cast<size_t>(n * 2 * c.n_ff * 4));
-    ensure(hidden_, static_cast<size_t>(n * c.n_ff * es));
-    ensure(logits_, static_cast<size_t>(std::max<int64_t>(rows, 1) * c.n_vocab * 4));
-    ensure(sampled_, static_cast<size_t>(std::max(plan_.n_samples(), 1)) * 8);
+    const auto t = static_cast<int32_t>(n);
+    return kernels::gemv_supported(type_, c.n_embd, t) && kernels::gemv_supported(type_, c.q_dim(), t) &&
+           kernels::gemv_supported(type_, c.n_ff, t) &&
+           plan_.n_logit_rows() <= kernels::kGemvMaxTokens;
   }
 
-  void run_layers(const kernels::PagedKvView& kv, int64_t n) {
+  bool reserve(int64_t n, int64_t rows) {
+    const ModelConfig& c = model_.config();
+    const int64_t es = kernels::dtype_bytes(type_);
+    bool moved = false;
+    moved |= ensure(x_, static_cast<size_t>(n * c.n_embd * 4));
+    moved |= ensure(xn_, static_cast<size_t>(std::max(n, rows) * c.n_embd * es));
+    moved |= ensure(qkv_, static_cast<size_t>(n * (c.q_dim() + 2 * c.kv_dim()) * 4));
+    moved |= ensure(q_, static_cast<size_t>(n * c.q_dim() * es));
+    moved |= ensure(attn_, static_cast<size_t>(n * c.q_dim() * es));
+    moved |= ensure(gate_up_, static_cast<size_t>(n * 2 * c.n_ff * 4));
+    moved |= ensure(hidden_, static_cast<size_t>(n * c.n_ff * es));
+    moved |= ensure(logits_, static_cast<size_t>(std::max<int64_t>(rows, 1) * c.n_vocab * 4));
+    moved |= ensure(sampled_, static_cast<size_t>(std::max(plan_.n_samples(), 1)) * 8);
+    if (ensure(attention_workspace_, plan_.attention_workspace_bytes(c.n_heads, c.head_dim))) {
+      // The merge counters at its start must begin at zero (kernels return them to zero).
+      kernels::check(cudaMemsetAsync(attention_workspace_.get(), 0, attention_workspace_.bytes(), stream_.get()));
+      moved = true;
+    }
+    return moved;
+  }
+
+  void run_layers(const kernels::PagedKvView& kv, int64_t n, bool gemv) {
     const ModelConfig& c = model_.config();
     cudaStream_t s = stream_.get();
     const kernels::PagedBatch batch = plan_.paged_batch();
     const kernels::QkvShape shape{c.n_heads, c.n_kv_heads, c.head_dim, c.n_rot, c.rope_style};
     const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    const auto tokens = static_cast<int32_t>(n);
     float* x = x_.as<float>();
+    const bool fused_rope = c.n_rot == c.head_dim;
 
     kernels::embedding_gather_cuda(weights_.token_embd.get(), type_, plan_.ids(), n, c.n_embd, x, s);
+    // On the GEMV path each norm reads the tokens' inverse RMS: computed here for the first one,
+    // then left by the accumulate products that update the residual stream.
+    float* inv_rms = inv_rms_.as<float>();
+    const kernels::GemvNormOut next_norm{inv_rms, norm_partial_.as<float>(), norm_counter_.as<int32_t>(), c.rms_eps};
+    if (gemv) kernels::rms_cuda(x, n, c.n_embd, c.rms_eps, inv_rms, s);
     for (int32_t layer = 0; layer < c.n_layers; ++layer) {
       const cuda::DeviceLayer& w = weights_.layers[static_cast<size_t>(layer)];
-      kernels::rmsnorm_cuda(x, w.attn_norm.as<float>(), xn_.get(), type_, nullptr, n, c.n_embd, c.rms_eps, s);
-      cublas_->matmul(w.qkv.get(), type_, xn_.get(), n, c.n_embd, shape.row(), qkv_.as<float>(), 0.0f);
-      kernels::qkv_rope_store_cuda(qkv_.as<float>(), w.qkv_bias.as<float>(), shape, weights_.inv_freq.as<float>(), kv,
-                                   batch, layer, q_.get(), type_, s);
+      if (gemv) {
+        const kernels::GemvInput normed{x, nullptr, w.attn_norm.as<float>(), inv_rms};
+        if (fused_rope) {
+          const kernels::GemvRope rope{shape, w.qkv_bias.as<float>(), weights_.inv_freq.as<float>(), kv, batch, layer};
+          kernels::gemv_cuda(w.qkv.get(), type_, c.n_embd, shape.row(), normed, tokens, kernels::GemvEpilogue::rope_store,
+                             q_.get(), &rope, nullptr, s);
+        } else {
+          kernels::gemv_cuda(w.qkv.get(), type_, c.n_embd, shape.row(), normed, tokens, kernels::GemvEpilogue::store,
+                             qkv_.get(), nullptr, nullptr, s);
+          kernels::qkv_rope_store_cuda(qkv_.as<float>(), w.qkv_bias.as<float>(), shape, weights_.inv_freq.as<float>(),
+                                       kv, batch, layer, q_.get(), type_, s);
+        }
+      } else {
+        kernels::rmsnorm_cuda(x, w.attn_norm.as<float>(), xn_.get(), type_, nullptr, n, c.n_embd, c.rms_eps, s);
+        cublas_->matmul(w.qkv.get(), type_, xn_.get(), n, c.n_embd, shape.row(), qkv_.as<float>(), 0.0f);
+        kernels::qkv_rope_store_cuda(qkv_.as<float>(), w.qkv_bias.as<float>(), shape, weights_.inv_freq.as<float>(),
+                                     kv, batch, layer, q_.get(), type_, s);
+      }
       kernels::paged_attention_cuda(q_.get(), attn_.get(), kv, batch, plan_.attention(attention_workspace_.as<float>()),
                                     layer, c.n_heads, scale, s);
-      cublas_->matmul(w.attn_output.get(), type_, attn_.get(), n, c.q_dim(), c.n_embd, x, 1.0f);
-      kernels::rmsnorm_cuda(x, w.ffn_norm.as<float>(), xn_.get(), type_, nullptr, n, c.n_embd, c.rms_eps, s);
-      cublas_->matmul(w.gate_up.get(), type_, xn_.get(), n, c.n_embd, 2 * int64_t{c.n_ff}, gate_up_.as<float>(), 0.0f);
-      kernels::swiglu_cuda(gate_up_.as<float>(), hidden_.get(), type_, n, c.n_ff, s);
-      cublas_->matmul(w.down.get(), type_, hidden_.get(), n, c.n_ff, c.n_embd, x, 1.0f);
+      if (gemv) {
+        kernels::gemv_cuda(w.attn_output.get(), type_, c.q_dim(), c.n_embd, {attn_.get()}, tokens,
+                           kernels::GemvEpilogue::accumulate, x, nullptr, &next_norm, s);
+        kernels::gemv_cuda(w.gate_up.get(), type_, c.n_embd, 2 * int64_t{c.n_ff},
+                           {x, nullptr, w.ffn_norm.as<float>(), inv_rms}, tokens, kernels::GemvEpilogue::swiglu,
+                           hidden_.get(), nullptr, nullptr, s);
+        kernels::gemv_cuda(w.down.get(), type_, c.n_ff, c.n_embd, {hidden_.get()}, tokens,
+                           kernels::GemvEpilogue::accumulate, x, nullptr, &next_norm, s);
+      } else {
+        cublas_->matmul(w.attn_output.get(), type_, attn_.get(), n, c.q_dim(), c.n_embd, x, 1.0f);
+        kernels::rmsnorm_cuda(x, w.ffn_norm.as<float>(), xn_.get(), type_, nullptr, n, c.n_embd, c.rms_eps, s);
+        cublas_->matmul(w.gate_up.get(), type_, xn_.get(), n, c.n_embd, 2 * int64_t{c.n_ff}, gate_up_.as<float>(),
+                        0.0f);
+        kernels::swiglu_cuda(gate_up_.as<float>(), hidden_.get(), type_, n, c.n_ff, s);
+        cublas_->matmul(w.down.get(), type_, hidden_.get(), n, c.n_ff, c.n_embd, x, 1.0f);
+      }
     }
     const int32_t rows = plan_.n_logit_rows();
-    if (rows == 0) return;
-    kernels::rmsnorm_cuda(x, weights_.output_norm.as<float>(), xn_.get(), type_, plan_.logit_rows(), rows, c.n_embd,
-                          c.rms_eps, s);
-    cublas_->matmul(weights_.output_matrix(), type_, xn_.get(), rows, c.n_embd, c.n_vocab, logits_.as<float>(), 0.0f);
+    if (rows > 0) {
+      if (gemv) {
+        kernels::gemv_cuda(weights_.output_matrix(), type_, c.n_embd, c.n_vocab,
+                           {x, plan_.logit_rows(), weights_.output_norm.as<float>(), inv_rms}, rows,
+                           kernels::GemvEpilogue::store, logits_.get(), nullptr, nullptr, s);
+      } else {
+        kernels::rmsnorm_cuda(x, weights_.output_norm.as<float>(), xn_.get(), type_, plan_.logit_rows(), rows, c.n_embd,
+                              c.rms_eps, s);
+        cublas_->matmul(weights_.output_matrix(), type_, xn_.get(), rows, c.n_embd, c.n_vocab, logits_.as<float>(),
+                        0.0f);
+      }
+    }
     if (plan_.n_samples() > 0) {
       float* sample_logits = logits_.as<float>() + static_cast<int64_t>(plan_.n_host_rows()) * c.n_vocab;
       kernels::sample_cuda(sample_logits, plan_.n_samples(), c.n_vocab, plan_.configs(), plan_.seen(),
@@ -156,7 +244,9 @@ class CudaBackend final : public Backend {
   cuda::DeviceWeights weights_;
   std::unique_ptr<cuda::CublasHandle> cublas_;
   cuda::StepPlan plan_;
+  std::map<GraphKey, kernels::GraphExec> graphs_;
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, hidden_, logits_, sampled_, attention_workspace_;
+  DeviceBuffer inv_rms_, norm_partial_, norm_counter_;  // the GEMV path's norm scales
 };
 
 }  // namespace

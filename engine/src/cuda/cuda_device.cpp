@@ -76,7 +76,8 @@ double time_decode_attention(const kernels::PagedKvView& kv, int32_t n_heads, st
   const int64_t q_elements = int64_t{plan.n_tokens()} * n_heads * kv.layout.head_dim;
   kernels::DeviceBuffer q(static_cast<size_t>(q_elements * kernels::dtype_bytes(kv.layout.dtype)));
   kernels::DeviceBuffer out(q.bytes());
-  kernels::DeviceBuffer workspace(std::max<size_t>(16, plan.attention_workspace_bytes(n_heads, kv.layout.head_dim)));
+  kernels::DeviceBuffer workspace(plan.attention_workspace_bytes(n_heads, kv.layout.head_dim));
+  kernels::check(cudaMemsetAsync(workspace.get(), 0, workspace.bytes(), stream.get()));
   kernels::fill_random_cuda(q.get(), kv.layout.dtype, q_elements, 9, 1.0f, stream.get());
   const float scale = 1.0f / std::sqrt(static_cast<float>(kv.layout.head_dim));
   const kernels::PagedBatch paged = plan.paged_batch();

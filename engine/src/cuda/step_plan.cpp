@@ -78,17 +78,20 @@ void StepPlan::build(std::span<const SequenceInput> batch, int32_t n_heads, bool
   n_host_rows_ = static_cast<int32_t>(logit_rows_.size());
   logit_rows_.insert(logit_rows_.end(), sample_rows.begin(), sample_rows.end());
 
-  // Split long decode contexts so that the grid covers the GPU about twice.
+  // Split decode contexts so that the grid covers the GPU about eight times (several waves keep
+  // the tail short), at most 128 splits of at least 64 positions. The split size
+  // comes from the longest context rounded up to a power of two, so it stays the same for many
+  // steps in a row (a captured decode graph bakes it in); splits past a sequence's end are empty.
   n_splits_ = 1;
   split_tokens_ = 1 << 30;
   if (!decode_tokens_.empty()) {
+    int32_t bucket = 256;
+    while (bucket < max_decode_len) bucket *= 2;
     const int32_t per_split_blocks = static_cast<int32_t>(decode_tokens_.size()) * n_kv_heads;
-    const int32_t wanted = std::max(1, (2 * sm_count + per_split_blocks - 1) / per_split_blocks);
-    const int32_t most = std::max(1, (max_decode_len + 255) / 256);  // at least 256 positions a split
-    n_splits_ = std::min(wanted, most);
-    split_tokens_ = (max_decode_len + n_splits_ - 1) / n_splits_;
-    split_tokens_ = (split_tokens_ + 63) / 64 * 64;
-    n_splits_ = (max_decode_len + split_tokens_ - 1) / split_tokens_;
+    const int32_t wanted = std::max(1, (8 * sm_count + per_split_blocks - 1) / per_split_blocks);
+    n_splits_ = std::min({wanted, bucket / 64, 128});
+    split_tokens_ = ((bucket + n_splits_ - 1) / n_splits_ + 63) / 64 * 64;
+    n_splits_ = (bucket + split_tokens_ - 1) / split_tokens_;
   }
 }
 
@@ -119,7 +122,8 @@ void StepPlan::upload(cudaStream_t stream) {
   // buffer is reused only by kernels on the same stream, in order.
   uploaded_.synchronize();
   if (pinned_.bytes() < bytes_.size()) {
-    const size_t size = std::max<size_t>(bytes_.size() * 2, 1 << 16);
+    // Start large: the device buffer's address is baked into captured decode graphs.
+    const size_t size = std::max<size_t>(bytes_.size() * 2, size_t{4} << 20);
     kernels::check(cudaStreamSynchronize(stream));
     pinned_ = kernels::PinnedBuffer(size);
     device_ = kernels::DeviceBuffer(size);
@@ -162,9 +166,7 @@ kernels::AttentionPlan StepPlan::attention(float* workspace) const {
 }
 
 size_t StepPlan::attention_workspace_bytes(int32_t n_heads, int32_t head_dim) const {
-  return n_splits_ > 1 ? kernels::attention_workspace_bytes(static_cast<int32_t>(decode_tokens_.size()), n_heads,
-                                                            n_splits_, head_dim)
-                       : 0;
+  return kernels::attention_workspace_bytes(static_cast<int32_t>(decode_tokens_.size()), n_heads, n_splits_, head_dim);
 }
 
 const kernels::SamplingConfig* StepPlan::configs() const { return at<kernels::SamplingConfig>(device_, at_.configs); }

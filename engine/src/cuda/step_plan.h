@@ -32,6 +32,11 @@ class StepPlan {
   const std::vector<int32_t>& first_row() const { return first_row_; }
   const std::vector<int32_t>& sample_of_sequence() const { return sample_of_seq_; }
   const std::vector<uint8_t>& wants_logprob() const { return want_logprob_; }
+  bool decode_only() const { return tiles_.empty() && decode_tokens_.size() == table_offsets_.size(); }
+  int32_t n_decode() const { return static_cast<int32_t>(decode_tokens_.size()); }
+  int32_t n_splits() const { return n_splits_; }
+  int32_t split_tokens() const { return split_tokens_; }
+  const void* device_buffer() const { return device_.get(); }
 
   // Device arrays (valid after upload()).
   const int32_t* ids() const;

@@ -32,6 +32,9 @@ void paged_attention_head_ref(const PagedKvView& kv, const PagedSequence& seq, i
 // Anything else (f32 KV, other head sizes) runs a simple exact kernel, a warp per (token, head).
 
 inline constexpr int32_t kAttentionTileRows = 64;
+// The decode workspace starts with one merge counter per (sequence, KV head): room for
+// 16384 of them (2048 sequences of 8 KV heads in one step).
+inline constexpr size_t kAttentionCounterBytes = 16384 * sizeof(int32_t);
 
 // Up to kAttentionTileRows consecutive new tokens of one sequence (rows of q and out).
 struct AttentionTile {
@@ -44,9 +47,10 @@ struct AttentionTile {
 struct AttentionPlan {
   const int32_t* decode_tokens = nullptr;  // [n_decode] rows of single-token sequences
   int32_t n_decode = 0;
-  int32_t n_splits = 1;       // KV of each decode sequence split into chunks of split_tokens
+  int32_t n_splits = 1;       // KV of each decode sequence split into chunks of split_tokens (<= 128)
   int32_t split_tokens = 1 << 30;
-  float* partial = nullptr;   // workspace, attention_workspace_bytes()
+  float* partial = nullptr;   // workspace of attention_workspace_bytes(), zeroed once when
+                              // allocated (its merge counters return to zero after every launch)
   const AttentionTile* tiles = nullptr;  // [n_tiles] prefill work
   int32_t n_tiles = 0;
 };

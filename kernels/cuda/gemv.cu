@@ -1,0 +1,296 @@
+// Small-batch GEMV with fused prologue and epilogues (see den/kernels/gemv.h).
+// A block of 128 threads owns one pair of output rows and walks n_in with 16-byte loads,
+// kUnroll vectors per row in flight per thread; x is read through L1 (tiny, shared by every
+// block). Sums are reduced across the block (shuffles, then shared memory) and thread t
+// finishes token t's epilogue.
+#include <algorithm>
+#include <cmath>
+
+#include "den/kernels/cuda_check.h"
+#include "den/kernels/gemv.h"
+#include "device_types.cuh"
+
+namespace den::kernels {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;
+
+// The two rows of pair p, per epilogue.
+__device__ __forceinline__ void pair_rows(GemvEpilogue e, int64_t p, int64_t n_out, int head_dim, RopeStyle style,
+                                          int64_t& r0, int64_t& r1) {
+  if (e == GemvEpilogue::swiglu) {
+    r0 = p;
+    r1 = p + n_out / 2;
+  } else if (e == GemvEpilogue::rope_store && style == RopeStyle::neox) {
+    const int64_t head = (2 * p) / head_dim, i = p % (head_dim / 2);
+    r0 = head * head_dim + i;
+    r1 = r0 + head_dim / 2;
+  } else {
+    r0 = 2 * p;
+    r1 = 2 * p + 1;
+  }
+}
+
+template <typename T, int B>
+__global__ void __launch_bounds__(kThreads)
+    gemv_kernel(const T* __restrict__ w, int64_t n_in, int64_t n_out, GemvInput input, GemvEpilogue epilogue,
+                void* __restrict__ y, GemvRope rope, GemvNormOut norm_out) {
+  constexpr int VEC = kVec<T>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float block_sums[kWarps][2][B];
+  __shared__ float row_scale[B];
+
+  const int64_t pair = blockIdx.x;
+  int64_t r[2];
+  pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r[0], r[1]);
+  const bool second = r[1] < n_out;
+
+  int64_t x_row[B];
+#pragma unroll
+  for (int t = 0; t < B; ++t) x_row[t] = input.rows != nullptr ? input.rows[t] : t;
+  const bool normed = input.norm_weight != nullptr;
+  if (normed && threadIdx.x < B) row_scale[threadIdx.x] = input.inv_rms[x_row[threadIdx.x]];
+  __syncthreads();
+
+  float acc[2][B];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int t = 0; t < B; ++t) acc[i][t] = 0.0f;
+
+  const T* w0 = w + r[0] * n_in;
+  const T* w1 = w + (second ? r[1] : r[0]) * n_in;
+  constexpr int64_t kStep = kThreads * VEC;
+  for (int64_t base = threadIdx.x * VEC; base < n_in; base += kStep * kUnroll) {
+    float wv[kUnroll][2][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kStep;
+      if (k < n_in) {
+        load_vec(w0 + k, wv[u][0]);
+        load_vec(w1 + k, wv[u][1]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kStep;
+      if (k >= n_in) break;
+      float nw[VEC];
+      if (normed) {
+#pragma unroll
+        for (int i = 0; i < VEC; i += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(input.norm_weight + k + i);
+          nw[i] = v.x;
+          nw[i + 1] = v.y;
+          nw[i + 2] = v.z;
+          nw[i + 3] = v.w;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < B; ++t) {
+        float xv[VEC];
+        if (normed) {
+          const float* xf = static_cast<const float*>(input.x) + x_row[t] * n_in + k;
+          const float s = row_scale[t];
+#pragma unroll
+          for (int i = 0; i < VEC; i += 4) {
+            const float4 v = *reinterpret_cast<const float4*>(xf + i);
+            xv[i] = nw[i] * (v.x * s);
+            xv[i + 1] = nw[i + 1] * (v.y * s);
+            xv[i + 2] = nw[i + 2] * (v.z * s);
+            xv[i + 3] = nw[i + 3] * (v.w * s);
+          }
+        } else {
+          load_vec(static_cast<const T*>(input.x) + x_row[t] * n_in + k, xv);
+        }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          acc[0][t] = fmaf(wv[u][0][i], xv[i], acc[0][t]);
+          acc[1][t] = fmaf(wv[u][1][i], xv[i], acc[1][t]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int t = 0; t < B; ++t) {
+      const float v = warp_sum(acc[i][t]);
+      if (lane == 0) block_sums[warp][i][t] = v;
+    }
+  __syncthreads();
+
+  // Thread t finishes token t.
+  const int t = threadIdx.x;
+  float a0 = 0.0f, a1 = 0.0f;
+  if (t < B) {
+    for (int k = 0; k < kWarps; ++k) {
+      a0 += block_sums[k][0][t];
+      a1 += block_sums[k][1][t];
+    }
+  }
+  switch (epilogue) {
+    case GemvEpilogue::store: {
+      if (t >= B) break;
+      float* out = static_cast<float*>(y) + t * n_out;
+      out[r[0]] = a0;
+      if (second) out[r[1]] = a1;
+      break;
+    }
+    case GemvEpilogue::accumulate: {
+      if (t < B) {
+        float* out = static_cast<float*>(y) + t * n_out;
+        a0 += out[r[0]];
+        out[r[0]] = a0;
+        if (second) {
+          a1 += out[r[1]];
+          out[r[1]] = a1;
+        }
+      }
+      if (norm_out.inv_rms == nullptr) break;
+      // The new rows' squares go to a per-pair slot; the last block to finish sums them in a
+      // fixed order (deterministic) into each token's inverse RMS.
+      const int64_t n_pairs = (n_out + 1) / 2;
+      if (t < B) norm_out.partial[t * n_pairs + pair] = a0 * a0 + (second ? a1 * a1 : 0.0f);
+      __shared__ bool last;
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        last = atomicAdd(norm_out.counter, 1) == static_cast<int>(gridDim.x) - 1;
+        if (last) *norm_out.counter = 0;
+      }
+      __syncthreads();
+      if (!last) break;
+      __threadfence();
+      for (int token = 0; token < B; ++token) {
+        const volatile float* part = norm_out.partial + token * n_pairs;
+        float s = 0.0f;
+        for (int64_t i = threadIdx.x; i < n_pairs; i += kThreads) s += part[i];
+        s = warp_sum(s);
+        if (lane == 0) block_sums[warp][0][token] = s;
+      }
+      __syncthreads();
+      if (threadIdx.x < B) {
+        float total = 0.0f;
+        for (int k = 0; k < kWarps; ++k) total += block_sums[k][0][threadIdx.x];
+        norm_out.inv_rms[threadIdx.x] = 1.0f / sqrtf(total / static_cast<float>(n_out) + norm_out.eps);
+      }
+      break;
+    }
+    case GemvEpilogue::swiglu: {
+      if (t >= B) break;
+      T* out = static_cast<T*>(y) + t * (n_out / 2);
+      out[pair] = from_float<T>(a0 / (1.0f + expf(-a0)) * a1);
+      break;
+    }
+    case GemvEpilogue::rope_store: {
+      if (t >= B) break;
+      const QkvShape& s = rope.shape;
+      if (rope.bias != nullptr) {
+        a0 += rope.bias[r[0]];
+        a1 += rope.bias[r[1]];
+      }
+      const int q_dim = s.q_dim(), kv_dim = s.kv_dim();
+      const int position = rope.batch.token_pos[t];
+      if (r[0] < q_dim + kv_dim) {  // Q or K: rotate the pair
+        const int d0 = static_cast<int>(r[0] % s.head_dim);
+        const int i = s.style == RopeStyle::interleaved ? d0 / 2 : d0;
+        const float theta = static_cast<float>(position) * rope.inv_freq[i];
+        float sn, cs;
+        sincosf(theta, &sn, &cs);
+        const float b0 = a0 * cs - a1 * sn, b1 = a0 * sn + a1 * cs;
+        a0 = b0;
+        a1 = b1;
+      }
+      if (r[0] < q_dim) {
+        T* q = static_cast<T*>(y) + static_cast<int64_t>(t) * q_dim;
+        q[r[0]] = from_float<T>(a0);
+        q[r[1]] = from_float<T>(a1);
+      } else {
+        const int seq = rope.batch.token_seq[t];
+        const int bt = rope.kv.layout.block_tokens;
+        const int block = rope.batch.block_tables[rope.batch.table_offsets[seq] + position / bt];
+        const bool is_k = r[0] < q_dim + kv_dim;
+        const int64_t col = r[0] - q_dim - (is_k ? 0 : kv_dim);
+        T* dst = static_cast<T*>(rope.kv.blocks) + rope.kv.offset(block, rope.layer, is_k ? 0 : 1, position % bt);
+        dst[col] = from_float<T>(a0);
+        dst[col + (r[1] - r[0])] = from_float<T>(a1);
+      }
+      break;
+    }
+  }
+}
+
+__global__ void rms_kernel(const float* __restrict__ x, int64_t n, float eps, float* __restrict__ inv_rms) {
+  const float* row = x + static_cast<int64_t>(blockIdx.x) * n;
+  float s = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += row[i] * row[i];
+  s = warp_sum(s);
+  __shared__ float sums[8];
+  if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int k = 0; k < static_cast<int>(blockDim.x) / 32; ++k) total += sums[k];
+    inv_rms[blockIdx.x] = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
+  }
+}
+
+template <typename F>
+void dispatch_tokens(int32_t n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: throw std::invalid_argument("gemv: 1 to 8 tokens");
+  }
+}
+
+}  // namespace
+
+bool gemv_supported(DType weight_type, int64_t n_in, int32_t n_tokens) {
+  const int64_t vec = 16 / dtype_bytes(weight_type);
+  return n_tokens >= 1 && n_tokens <= kGemvMaxTokens && n_in % vec == 0 && n_in % 4 == 0;
+}
+
+void rms_cuda(const float* x, int64_t n_tokens, int64_t n, float eps, float* inv_rms, CudaStream stream) {
+  if (n_tokens == 0) return;
+  rms_kernel<<<static_cast<unsigned>(n_tokens), 256, 0, stream>>>(x, n, eps, inv_rms);
+  check_launch();
+}
+
+void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
+               int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRope* rope, const GemvNormOut* norm_out,
+               CudaStream stream) {
+  if (!gemv_supported(weight_type, n_in, n_tokens)) throw std::invalid_argument("gemv: unsupported shape");
+  if (epilogue == GemvEpilogue::rope_store &&
+      (rope == nullptr || rope->shape.n_rot != rope->shape.head_dim || rope->kv.layout.dtype != weight_type)) {
+    throw std::invalid_argument("gemv: the fused RoPE needs n_rot == head_dim and KV in the weight type");
+  }
+  if (norm_out != nullptr && epilogue != GemvEpilogue::accumulate) {
+    throw std::invalid_argument("gemv: only the accumulate epilogue leaves the next norm's scale");
+  }
+  const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
+  const auto blocks = static_cast<unsigned>(n_pairs);
+  const GemvRope no_rope{};
+  const GemvNormOut no_norm{};
+  dispatch_dtype(weight_type, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_tokens(n_tokens, [&](auto b_tag) {
+      constexpr int B = decltype(b_tag)::value;
+      gemv_kernel<T, B><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(weights), n_in, n_out, input, epilogue,
+                                                         y, rope != nullptr ? *rope : no_rope,
+                                                         norm_out != nullptr ? *norm_out : no_norm);
+    });
+  });
+  check_launch();
+}
+
+}  // namespace den::kernels

@@ -1,0 +1,84 @@
+// Small-batch matrix-vector products for decode (1 to 8 tokens), reading every weight once
+// with 16-byte loads, fp32 accumulation, and the neighbouring element-wise work fused in so a
+// decode layer is five launches instead of ten:
+//   prologue: RMSNorm of a float input, from the tokens' inverse RMS computed earlier (by
+//             rms_cuda, or by the accumulate epilogue that produced the input);
+//   epilogue: store; accumulate into the residual stream (and, by the last block to finish, the
+//             new inverse RMS of each token for the next norm); SwiGLU of paired gate/up rows;
+//             or bias + RoPE + KV store of paired Q/K rows (V rows go to the cache as they are).
+// A block of 128 threads computes one pair of output rows (the pair each epilogue needs), so
+// the work spreads evenly over the GPU whatever the matrix. CPU twin: gemv_ref, composed of the
+// reference ops, so the GPU is checked against the same math the CPU backend runs.
+#pragma once
+
+#include <cstdint>
+
+#include "den/kernels/cuda_stream.h"
+#include "den/kernels/dtype.h"
+#include "den/kernels/paged_kv.h"
+#include "den/kernels/qkv_rope_store.h"
+
+namespace den::kernels {
+
+inline constexpr int32_t kGemvMaxTokens = 8;
+
+enum class GemvEpilogue : uint8_t {
+  store,       // y[t, r] = w_r . x_t                                   y: float [n_tokens, n_out]
+  accumulate,  // y[t, r] += w_r . x_t                                  y: float [n_tokens, n_out]
+  swiglu,      // rows r (gate) and n_out/2 + r (up): y[t, r] = silu(g) * u, y: weight type [n_tokens, n_out/2]
+  rope_store,  // fused Q/K/V rows: bias, RoPE of Q and K, Q to y (weight type [n_tokens, q_dim]), K/V to pages
+};
+
+struct GemvInput {
+  const void* x = nullptr;   // [*, n_in]: float when norm_weight is set, else the weight type
+  const int32_t* rows = nullptr;  // token t reads x row rows[t] (null: row t)
+  const float* norm_weight = nullptr;  // [n_in]: x_t * inv_rms[row] * norm_weight (x must be float)
+  const float* inv_rms = nullptr;      // [*]: per x row, with norm_weight
+};
+
+// For the accumulate epilogue: also leave each token's new inverse RMS (of the updated rows).
+struct GemvNormOut {
+  float* inv_rms = nullptr;   // [n_tokens] out
+  float* partial = nullptr;   // workspace [n_tokens * (n_out / 2)]
+  int32_t* counter = nullptr; // one int, zero before the first launch (returned to zero)
+  float eps = 1e-5f;
+};
+
+// inv_rms[t] = 1 / sqrt(mean(x_t^2) + eps): the first layer's norm input on the GEMV path.
+// x: [n_tokens, n] float  inv_rms: [n_tokens]
+void rms_ref(const float* x, int64_t n_tokens, int64_t n, float eps, float* inv_rms);
+void rms_cuda(const float* x, int64_t n_tokens, int64_t n, float eps, float* inv_rms, CudaStream stream);
+
+// For the rope_store epilogue.
+struct GemvRope {
+  QkvShape shape;             // n_rot must equal head_dim
+  const float* bias = nullptr;     // [q_dim + 2 kv_dim] or null
+  const float* inv_freq = nullptr; // [n_rot / 2]
+  PagedKvView kv;
+  PagedBatch batch;           // token t of the product is token t of the batch
+  int32_t layer = 0;
+};
+
+// CPU twin on host memory. rope (for rope_store) gives the host pool and per-token sequences.
+struct GemvRopeRef {
+  QkvShape shape;
+  const float* bias = nullptr;
+  const float* inv_freq = nullptr;
+  PagedKvView kv;
+  const PagedSequence* sequences = nullptr;
+  const int32_t* token_seq = nullptr;
+  const int32_t* token_pos = nullptr;
+  int32_t layer = 0;
+};
+void gemv_ref(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
+              int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRopeRef* rope, const GemvNormOut* norm_out);
+
+// True when the product can run here: 1..8 tokens, n_in a multiple of the 16-byte vector.
+bool gemv_supported(DType weight_type, int64_t n_in, int32_t n_tokens);
+
+// weights: [n_out, n_in] in weight_type (device)
+void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
+               int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRope* rope, const GemvNormOut* norm_out,
+               CudaStream stream);
+
+}  // namespace den::kernels
