@@ -20,3 +20,21 @@ bool cuda_device_available() {
 }
 
 }  // namespace den::kernels
+
+namespace den::kernels {
+
+bool pdl_supported() {
+  // Per device: the answer is fixed for the process.
+  static thread_local int cached_device = -1;
+  static thread_local bool cached = false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device != cached_device) {
+    int major = 0;
+    cached = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+    cached_device = device;
+  }
+  return cached;
+}
+
+}  // namespace den::kernels

@@ -2,6 +2,7 @@
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/embedding.h"
 #include "device_types.cuh"
+#include "pdl.cuh"
 
 namespace den::kernels {
 namespace {
@@ -9,6 +10,8 @@ namespace {
 template <typename T>
 __global__ void embedding_gather_kernel(const T* __restrict__ table, const int32_t* __restrict__ ids, int64_t dim,
                                         float* __restrict__ out) {
+  pdl_allow_next();
+  pdl_wait();  // out may still be read by the kernel before
   const T* row = table + static_cast<int64_t>(ids[blockIdx.x]) * dim;
   float* dst = out + static_cast<int64_t>(blockIdx.x) * dim;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = to_float<T>(row[i]);
@@ -21,8 +24,8 @@ void embedding_gather_cuda(const void* table, DType table_type, const int32_t* i
   if (n_tokens == 0) return;
   dispatch_dtype(table_type, [&](auto tag) {
     using T = decltype(tag);
-    embedding_gather_kernel<T><<<static_cast<unsigned>(n_tokens), 256, 0, stream>>>(static_cast<const T*>(table), ids,
-                                                                                   dim, out);
+    launch_chained(embedding_gather_kernel<T>, dim3(static_cast<unsigned>(n_tokens)), dim3(256), 0, stream,
+                   static_cast<const T*>(table), ids, dim, out);
   });
   check_launch();
 }

@@ -9,6 +9,7 @@
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/gemv.h"
 #include "device_types.cuh"
+#include "pdl.cuh"
 
 namespace den::kernels {
 namespace {
@@ -33,160 +34,38 @@ __device__ __forceinline__ void pair_rows(GemvEpilogue e, int64_t p, int64_t n_o
   }
 }
 
-template <typename T, int B>
-__global__ void __launch_bounds__(kThreads)
-    gemv_kernel(const T* __restrict__ w, int64_t n_in, int64_t n_out, GemvInput input, GemvEpilogue epilogue,
-                void* __restrict__ y, GemvRope rope, GemvNormOut norm_out) {
-  constexpr int VEC = kVec<T>;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __shared__ float block_sums[kWarps][2][B];
-  __shared__ float row_scale[B];
-
-  const int64_t pair = blockIdx.x;
-  int64_t r[2];
-  pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r[0], r[1]);
-  const bool second = r[1] < n_out;
-
-  int64_t x_row[B];
-#pragma unroll
-  for (int t = 0; t < B; ++t) x_row[t] = input.rows != nullptr ? input.rows[t] : t;
-  const bool normed = input.norm_weight != nullptr;
-  if (normed && threadIdx.x < B) row_scale[threadIdx.x] = input.inv_rms[x_row[threadIdx.x]];
-  __syncthreads();
-
-  float acc[2][B];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int t = 0; t < B; ++t) acc[i][t] = 0.0f;
-
-  const T* w0 = w + r[0] * n_in;
-  const T* w1 = w + (second ? r[1] : r[0]) * n_in;
-  constexpr int64_t kStep = kThreads * VEC;
-  for (int64_t base = threadIdx.x * VEC; base < n_in; base += kStep * kUnroll) {
-    float wv[kUnroll][2][VEC];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = base + u * kStep;
-      if (k < n_in) {
-        load_vec(w0 + k, wv[u][0]);
-        load_vec(w1 + k, wv[u][1]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = base + u * kStep;
-      if (k >= n_in) break;
-      float nw[VEC];
-      if (normed) {
-#pragma unroll
-        for (int i = 0; i < VEC; i += 4) {
-          const float4 v = *reinterpret_cast<const float4*>(input.norm_weight + k + i);
-          nw[i] = v.x;
-          nw[i + 1] = v.y;
-          nw[i + 2] = v.z;
-          nw[i + 3] = v.w;
-        }
-      }
-#pragma unroll
-      for (int t = 0; t < B; ++t) {
-        float xv[VEC];
-        if (normed) {
-          const float* xf = static_cast<const float*>(input.x) + x_row[t] * n_in + k;
-          const float s = row_scale[t];
-#pragma unroll
-          for (int i = 0; i < VEC; i += 4) {
-            const float4 v = *reinterpret_cast<const float4*>(xf + i);
-            xv[i] = nw[i] * (v.x * s);
-            xv[i + 1] = nw[i + 1] * (v.y * s);
-            xv[i + 2] = nw[i + 2] * (v.z * s);
-            xv[i + 3] = nw[i + 3] * (v.w * s);
-          }
-        } else {
-          load_vec(static_cast<const T*>(input.x) + x_row[t] * n_in + k, xv);
-        }
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          acc[0][t] = fmaf(wv[u][0][i], xv[i], acc[0][t]);
-          acc[1][t] = fmaf(wv[u][1][i], xv[i], acc[1][t]);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int t = 0; t < B; ++t) {
-      const float v = warp_sum(acc[i][t]);
-      if (lane == 0) block_sums[warp][i][t] = v;
-    }
-  __syncthreads();
-
-  // Thread t finishes token t.
-  const int t = threadIdx.x;
-  float a0 = 0.0f, a1 = 0.0f;
-  if (t < B) {
-    for (int k = 0; k < kWarps; ++k) {
-      a0 += block_sums[k][0][t];
-      a1 += block_sums[k][1][t];
-    }
-  }
+// The epilogue of one pair for token t, given its two sums.
+template <typename T>
+__device__ __forceinline__ void finish_pair(GemvEpilogue epilogue, int t, int64_t pair, const int64_t* r, bool second,
+                                            float a0, float a1, int64_t n_out, void* y, const GemvRope& rope,
+                                            const GemvNormOut& norm_out) {
   switch (epilogue) {
     case GemvEpilogue::store: {
-      if (t >= B) break;
       float* out = static_cast<float*>(y) + t * n_out;
       out[r[0]] = a0;
       if (second) out[r[1]] = a1;
-      break;
+      return;
     }
     case GemvEpilogue::accumulate: {
-      if (t < B) {
-        float* out = static_cast<float*>(y) + t * n_out;
-        a0 += out[r[0]];
-        out[r[0]] = a0;
-        if (second) {
-          a1 += out[r[1]];
-          out[r[1]] = a1;
-        }
+      float* out = static_cast<float*>(y) + t * n_out;
+      a0 += out[r[0]];
+      out[r[0]] = a0;
+      if (second) {
+        a1 += out[r[1]];
+        out[r[1]] = a1;
       }
-      if (norm_out.inv_rms == nullptr) break;
-      // The new rows' squares go to a per-pair slot; the last block to finish sums them in a
-      // fixed order (deterministic) into each token's inverse RMS.
-      const int64_t n_pairs = (n_out + 1) / 2;
-      if (t < B) norm_out.partial[t * n_pairs + pair] = a0 * a0 + (second ? a1 * a1 : 0.0f);
-      __shared__ bool last;
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        last = atomicAdd(norm_out.counter, 1) == static_cast<int>(gridDim.x) - 1;
-        if (last) *norm_out.counter = 0;
+      // The new rows' squares go to a per-pair slot, summed by the last block to finish.
+      if (norm_out.inv_rms != nullptr) {
+        norm_out.partial[t * ((n_out + 1) / 2) + pair] = a0 * a0 + (second ? a1 * a1 : 0.0f);
       }
-      __syncthreads();
-      if (!last) break;
-      __threadfence();
-      for (int token = 0; token < B; ++token) {
-        const volatile float* part = norm_out.partial + token * n_pairs;
-        float s = 0.0f;
-        for (int64_t i = threadIdx.x; i < n_pairs; i += kThreads) s += part[i];
-        s = warp_sum(s);
-        if (lane == 0) block_sums[warp][0][token] = s;
-      }
-      __syncthreads();
-      if (threadIdx.x < B) {
-        float total = 0.0f;
-        for (int k = 0; k < kWarps; ++k) total += block_sums[k][0][threadIdx.x];
-        norm_out.inv_rms[threadIdx.x] = 1.0f / sqrtf(total / static_cast<float>(n_out) + norm_out.eps);
-      }
-      break;
+      return;
     }
     case GemvEpilogue::swiglu: {
-      if (t >= B) break;
       T* out = static_cast<T*>(y) + t * (n_out / 2);
       out[pair] = from_float<T>(a0 / (1.0f + expf(-a0)) * a1);
-      break;
+      return;
     }
     case GemvEpilogue::rope_store: {
-      if (t >= B) break;
       const QkvShape& s = rope.shape;
       if (rope.bias != nullptr) {
         a0 += rope.bias[r[0]];
@@ -218,12 +97,186 @@ __global__ void __launch_bounds__(kThreads)
         dst[col] = from_float<T>(a0);
         dst[col + (r[1] - r[0])] = from_float<T>(a1);
       }
-      break;
+      return;
     }
   }
 }
 
+// After the accumulate product: the last block to finish sums every pair's squares in a fixed
+// order (deterministic) into each token's inverse RMS, and returns the counter to zero.
+template <int B>
+__device__ void last_block_norm(int64_t n_out, const GemvNormOut& norm_out, float* scratch /* [kWarps * 2 * B] */) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(norm_out.counter, 1) == static_cast<int>(gridDim.x) - 1;
+    if (last) *norm_out.counter = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n_pairs = (n_out + 1) / 2;
+  for (int token = 0; token < B; ++token) {
+    float s = 0.0f;
+    for (int64_t i = threadIdx.x; i < n_pairs; i += kThreads) s += __ldcg(norm_out.partial + token * n_pairs + i);
+    s = warp_sum(s);
+    if (lane == 0) scratch[warp * B + token] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < B) {
+    float total = 0.0f;
+    for (int k = 0; k < kWarps; ++k) total += scratch[k * B + threadIdx.x];
+    norm_out.inv_rms[threadIdx.x] = 1.0f / sqrtf(total / static_cast<float>(n_out) + norm_out.eps);
+  }
+}
+
+// Weights of one loop step of one pair, kept packed (16-byte pieces) until used: half the
+// registers of unpacked floats, so the next pair's loads can be in flight during this one's
+// reduction.
+template <typename T>
+struct PairPieces {
+  uint4 row[kUnroll][2];
+};
+
+template <typename T, int B>
+__global__ void __launch_bounds__(kThreads)
+    gemv_kernel(const T* __restrict__ w, int64_t n_in, int64_t n_out, GemvInput input, GemvEpilogue epilogue,
+                void* __restrict__ y, GemvRope rope, GemvNormOut norm_out) {
+  constexpr int VEC = kVec<T>;
+  constexpr int64_t kStep = kThreads * VEC;
+  pdl_allow_next();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float block_sums[kWarps][2][B];
+  __shared__ float row_scale[B];
+  const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
+  const bool normed = input.norm_weight != nullptr;
+  const int64_t first = threadIdx.x * VEC;
+
+  auto rows_of = [&](int64_t pair, int64_t& r0, int64_t& r1) {
+    pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r0, r1);
+  };
+  auto load_pieces = [&](int64_t pair, int64_t base, PairPieces<T>& pieces) {
+    int64_t r0, r1;
+    rows_of(pair, r0, r1);
+    const T* w0 = w + r0 * n_in;
+    const T* w1 = w + (r1 < n_out ? r1 : r0) * n_in;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kStep;
+      if (k < n_in) {
+        pieces.row[u][0] = *reinterpret_cast<const uint4*>(w0 + k);
+        pieces.row[u][1] = *reinterpret_cast<const uint4*>(w1 + k);
+      }
+    }
+  };
+
+  int64_t x_row[B];
+#pragma unroll
+  for (int t = 0; t < B; ++t) x_row[t] = input.rows != nullptr ? input.rows[t] : t;
+
+  // Weights belong to no kernel: the first loads go out before waiting for the predecessor,
+  // whose outputs (x, the norm scales, the KV pages) are read only after pdl_wait().
+  int64_t pair = blockIdx.x;
+  PairPieces<T> cur, next;
+  if (pair < n_pairs) load_pieces(pair, first, cur);
+  pdl_wait();
+  if (normed && threadIdx.x < B) row_scale[threadIdx.x] = input.inv_rms[x_row[threadIdx.x]];
+  __syncthreads();
+
+  for (; pair < n_pairs; pair += gridDim.x) {
+    int64_t r[2];
+    rows_of(pair, r[0], r[1]);
+    const bool second = r[1] < n_out;
+    const int64_t next_pair = pair + gridDim.x;
+    float acc[2][B];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int t = 0; t < B; ++t) acc[i][t] = 0.0f;
+
+    for (int64_t base = first; base < n_in; base += kStep * kUnroll) {
+      if (base != first) load_pieces(pair, base, cur);
+      // On the pair's last step, the next pair's first pieces go out now.
+      if (base + kStep * kUnroll >= n_in && next_pair < n_pairs) load_pieces(next_pair, first, next);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = base + u * kStep;
+        if (k >= n_in) break;
+        float wf[2][VEC];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const T* e = reinterpret_cast<const T*>(&cur.row[u][i]);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) wf[i][j] = to_float<T>(e[j]);
+        }
+        float nw[VEC];
+        if (normed) {
+#pragma unroll
+          for (int j = 0; j < VEC; j += 4) {
+            const float4 v = *reinterpret_cast<const float4*>(input.norm_weight + k + j);
+            nw[j] = v.x;
+            nw[j + 1] = v.y;
+            nw[j + 2] = v.z;
+            nw[j + 3] = v.w;
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < B; ++t) {
+          float xv[VEC];
+          if (normed) {
+            const float* xf = static_cast<const float*>(input.x) + x_row[t] * n_in + k;
+            const float sc = row_scale[t];
+#pragma unroll
+            for (int j = 0; j < VEC; j += 4) {
+              const float4 v = *reinterpret_cast<const float4*>(xf + j);
+              xv[j] = nw[j] * (v.x * sc);
+              xv[j + 1] = nw[j + 1] * (v.y * sc);
+              xv[j + 2] = nw[j + 2] * (v.z * sc);
+              xv[j + 3] = nw[j + 3] * (v.w * sc);
+            }
+          } else {
+            load_vec(static_cast<const T*>(input.x) + x_row[t] * n_in + k, xv);
+          }
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            acc[0][t] = fmaf(wf[0][j], xv[j], acc[0][t]);
+            acc[1][t] = fmaf(wf[1][j], xv[j], acc[1][t]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int t = 0; t < B; ++t) {
+        const float v = warp_sum(acc[i][t]);
+        if (lane == 0) block_sums[warp][i][t] = v;
+      }
+    __syncthreads();
+
+    // Thread t finishes token t.
+    const int t = threadIdx.x;
+    if (t < B) {
+      float a0 = 0.0f, a1 = 0.0f;
+      for (int k = 0; k < kWarps; ++k) {
+        a0 += block_sums[k][0][t];
+        a1 += block_sums[k][1][t];
+      }
+      finish_pair<T>(epilogue, t, pair, r, second, a0, a1, n_out, y, rope, norm_out);
+    }
+    __syncthreads();  // block_sums is rewritten for the next pair
+    cur = next;
+  }
+  if (epilogue == GemvEpilogue::accumulate && norm_out.inv_rms != nullptr) {
+    last_block_norm<B>(n_out, norm_out, block_sums[0][0]);
+  }
+}
+
 __global__ void rms_kernel(const float* __restrict__ x, int64_t n, float eps, float* __restrict__ inv_rms) {
+  pdl_allow_next();
+  pdl_wait();
   const float* row = x + static_cast<int64_t>(blockIdx.x) * n;
   float s = 0.0f;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += row[i] * row[i];
@@ -253,6 +306,17 @@ void dispatch_tokens(int32_t n, F&& f) {
   }
 }
 
+int sm_count() {
+  static thread_local int device = -1, count = 0;
+  int current = 0;
+  check(cudaGetDevice(&current));
+  if (current != device) {
+    check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current));
+    device = current;
+  }
+  return count;
+}
+
 }  // namespace
 
 bool gemv_supported(DType weight_type, int64_t n_in, int32_t n_tokens) {
@@ -262,7 +326,7 @@ bool gemv_supported(DType weight_type, int64_t n_in, int32_t n_tokens) {
 
 void rms_cuda(const float* x, int64_t n_tokens, int64_t n, float eps, float* inv_rms, CudaStream stream) {
   if (n_tokens == 0) return;
-  rms_kernel<<<static_cast<unsigned>(n_tokens), 256, 0, stream>>>(x, n, eps, inv_rms);
+  launch_chained(rms_kernel, dim3(static_cast<unsigned>(n_tokens)), dim3(256), 0, stream, x, n, eps, inv_rms);
   check_launch();
 }
 
@@ -278,16 +342,20 @@ void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_o
     throw std::invalid_argument("gemv: only the accumulate epilogue leaves the next norm's scale");
   }
   const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
-  const auto blocks = static_cast<unsigned>(n_pairs);
   const GemvRope no_rope{};
   const GemvNormOut no_norm{};
   dispatch_dtype(weight_type, [&](auto tag) {
     using T = decltype(tag);
     dispatch_tokens(n_tokens, [&](auto b_tag) {
       constexpr int B = decltype(b_tag)::value;
-      gemv_kernel<T, B><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(weights), n_in, n_out, input, epilogue,
-                                                         y, rope != nullptr ? *rope : no_rope,
-                                                         norm_out != nullptr ? *norm_out : no_norm);
+      // Persistent blocks: as many as are resident at once, each walking pairs with the grid's
+      // stride (no launch cost per pair, no ragged last wave).
+      static thread_local int per_sm = 0;
+      if (per_sm == 0) check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<T, B>, kThreads, 0));
+      const auto blocks = static_cast<unsigned>(std::min<int64_t>(n_pairs, int64_t{sm_count()} * std::max(per_sm, 1)));
+      launch_chained(gemv_kernel<T, B>, dim3(blocks), dim3(kThreads), 0, stream, static_cast<const T*>(weights), n_in,
+                     n_out, input, epilogue, y, rope != nullptr ? *rope : no_rope,
+                     norm_out != nullptr ? *norm_out : no_norm);
     });
   });
   check_launch();

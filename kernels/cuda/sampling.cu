@@ -14,6 +14,7 @@
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/sampling.h"
 #include "device_types.cuh"
+#include "pdl.cuh"
 
 namespace den::kernels {
 namespace {
@@ -165,6 +166,8 @@ __global__ void __launch_bounds__(kThreads)
     sample_kernel(float* __restrict__ logits, int32_t n_vocab, const SamplingConfig* __restrict__ configs,
                   const TokenCount* __restrict__ seen, const int32_t* __restrict__ seen_offsets,
                   const uint64_t* __restrict__ steps, int32_t* __restrict__ tokens, float* __restrict__ logprobs) {
+  pdl_allow_next();
+  pdl_wait();  // the logits come from the kernel before
   __shared__ BlockScratch scratch;
   __shared__ Candidate list[kMaxSortedCandidates];
   __shared__ float saved_raw[kMaxSavedRaw];
@@ -380,8 +383,8 @@ void sample_cuda(float* logits, int32_t n_rows, int32_t n_vocab, const SamplingC
                  const TokenCount* seen, const int32_t* seen_offsets, const uint64_t* steps, int32_t* tokens,
                  float* logprobs, CudaStream stream) {
   if (n_rows == 0) return;
-  sample_kernel<<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(logits, n_vocab, configs, seen, seen_offsets,
-                                                                       steps, tokens, logprobs);
+  launch_chained(sample_kernel, dim3(static_cast<unsigned>(n_rows)), dim3(kThreads), 0, stream, logits, n_vocab,
+                 configs, seen, seen_offsets, steps, tokens, logprobs);
   check_launch();
 }
 

@@ -65,7 +65,8 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
     }
   }
   // Tokens, queries (rounded to the KV type), the plan.
-  std::vector<int32_t> flat_tables, offsets, lengths, token_seq, token_pos, decode_tokens;
+  std::vector<int32_t> flat_tables, offsets, lengths, token_seq, token_pos;
+  std::vector<kernels::DecodeEntry> decode;
   std::vector<kernels::AttentionTile> tiles;
   int32_t max_decode = 0;
   for (size_t q = 0; q < seqs.size(); ++q) {
@@ -79,7 +80,7 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
       token_pos.push_back(seqs[q].start + i);
     }
     if (n == 1) {
-      decode_tokens.push_back(first);
+      decode.push_back({first, static_cast<int32_t>(q), seqs[q].length, offsets.back()});
       max_decode = std::max(max_decode, seqs[q].length);
     } else {
       for (int32_t r = 0; r < n; r += kernels::kAttentionTileRows) {
@@ -118,14 +119,14 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
   const kernels::DeviceBuffer d_q = t == DType::f32 ? test::to_device(qf) : test::to_device(q16);
   const auto d_tables = test::to_device(flat_tables), d_offsets = test::to_device(offsets),
              d_lengths = test::to_device(lengths), d_seq = test::to_device(token_seq),
-             d_pos = test::to_device(token_pos), d_decode = test::to_device(decode_tokens),
+             d_pos = test::to_device(token_pos), d_decode = test::to_device(decode),
              d_tiles = test::to_device(tiles);
   kernels::PagedBatch batch{d_tables.as<int32_t>(), d_offsets.as<int32_t>(), d_lengths.as<int32_t>(),
                             d_seq.as<int32_t>(),    d_pos.as<int32_t>(),     static_cast<int32_t>(seqs.size()),
                             n_tokens};
   kernels::AttentionPlan plan;
-  plan.decode_tokens = d_decode.as<int32_t>();
-  plan.n_decode = static_cast<int32_t>(decode_tokens.size());
+  plan.decode = d_decode.as<kernels::DecodeEntry>();
+  plan.n_decode = static_cast<int32_t>(decode.size());
   plan.n_splits = 4;
   plan.split_tokens = std::max(64, ((max_decode + 3) / 4 + 63) / 64 * 64);
   plan.n_splits = std::max(1, (max_decode + plan.split_tokens - 1) / plan.split_tokens);

@@ -42,7 +42,7 @@ bool ensure(DeviceBuffer& buffer, size_t bytes) {
 
 // What a captured decode step depends on besides the contents of the plan's device arrays.
 using GraphKey =
-    std::tuple<int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, const void*, int64_t, const void*, bool>;
+    std::tuple<int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, const void*, int64_t, const void*, bool, bool>;
 
 class CudaBackend final : public Backend {
  public:
@@ -81,7 +81,7 @@ class CudaBackend final : public Backend {
       // Decode steps replay a captured graph: one launch instead of a hundred or more.
       const GraphKey key{static_cast<int32_t>(n), plan_.n_logit_rows(), plan_.n_host_rows(), plan_.n_samples(),
                          plan_.n_splits(),        plan_.split_tokens(),  kv.blocks,           kv.n_blocks,
-                         plan_.device_buffer(),   gemv};
+                         plan_.device_buffer(),   gemv,                  plan_.any_logprob()};
       auto it = graphs_.find(key);
       if (it == graphs_.end()) {
         if (graphs_.size() >= 64) graphs_.clear();
@@ -202,7 +202,7 @@ class CudaBackend final : public Backend {
       float* sample_logits = logits_.as<float>() + static_cast<int64_t>(plan_.n_host_rows()) * c.n_vocab;
       kernels::sample_cuda(sample_logits, plan_.n_samples(), c.n_vocab, plan_.configs(), plan_.seen(),
                            plan_.seen_offsets(), plan_.steps(), sampled_.as<int32_t>(),
-                           sampled_.as<float>() + plan_.n_samples(), s);
+                           plan_.any_logprob() ? sampled_.as<float>() + plan_.n_samples() : nullptr, s);
     }
   }
 

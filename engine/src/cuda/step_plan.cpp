@@ -16,7 +16,7 @@ void StepPlan::build(std::span<const SequenceInput> batch, int32_t n_heads, bool
   table_offsets_.clear();
   kv_lengths_.clear();
   logit_rows_.clear();
-  decode_tokens_.clear();
+  decode_.clear();
   tiles_.clear();
   configs_.clear();
   seen_.clear();
@@ -43,7 +43,7 @@ void StepPlan::build(std::span<const SequenceInput> batch, int32_t n_heads, bool
     }
     if (fast_attention) {
       if (n == 1) {
-        decode_tokens_.push_back(first);
+        decode_.push_back({first, static_cast<int32_t>(s), end, table_offsets_.back()});
         max_decode_len = std::max(max_decode_len, end);
       } else {
         for (int32_t r = 0; r < n; r += kernels::kAttentionTileRows) {
@@ -84,10 +84,10 @@ void StepPlan::build(std::span<const SequenceInput> batch, int32_t n_heads, bool
   // steps in a row (a captured decode graph bakes it in); splits past a sequence's end are empty.
   n_splits_ = 1;
   split_tokens_ = 1 << 30;
-  if (!decode_tokens_.empty()) {
+  if (!decode_.empty()) {
     int32_t bucket = 256;
     while (bucket < max_decode_len) bucket *= 2;
-    const int32_t per_split_blocks = static_cast<int32_t>(decode_tokens_.size()) * n_kv_heads;
+    const int32_t per_split_blocks = static_cast<int32_t>(decode_.size()) * n_kv_heads;
     const int32_t wanted = std::max(1, (8 * sm_count + per_split_blocks - 1) / per_split_blocks);
     n_splits_ = std::min({wanted, bucket / 64, 128});
     split_tokens_ = ((bucket + n_splits_ - 1) / n_splits_ + 63) / 64 * 64;
@@ -112,7 +112,7 @@ void StepPlan::upload(cudaStream_t stream) {
   at_.table_offsets = place(table_offsets_);
   at_.kv_lengths = place(kv_lengths_);
   at_.logit_rows = place(logit_rows_);
-  at_.decode_tokens = place(decode_tokens_);
+  at_.decode = place(decode_);
   at_.tiles = place(tiles_);
   at_.configs = place(configs_);
   at_.seen = place(seen_);
@@ -155,8 +155,8 @@ kernels::PagedBatch StepPlan::paged_batch() const {
 
 kernels::AttentionPlan StepPlan::attention(float* workspace) const {
   kernels::AttentionPlan p;
-  p.decode_tokens = at<int32_t>(device_, at_.decode_tokens);
-  p.n_decode = static_cast<int32_t>(decode_tokens_.size());
+  p.decode = at<kernels::DecodeEntry>(device_, at_.decode);
+  p.n_decode = static_cast<int32_t>(decode_.size());
   p.n_splits = n_splits_;
   p.split_tokens = split_tokens_;
   p.partial = workspace;
@@ -166,7 +166,7 @@ kernels::AttentionPlan StepPlan::attention(float* workspace) const {
 }
 
 size_t StepPlan::attention_workspace_bytes(int32_t n_heads, int32_t head_dim) const {
-  return kernels::attention_workspace_bytes(static_cast<int32_t>(decode_tokens_.size()), n_heads, n_splits_, head_dim);
+  return kernels::attention_workspace_bytes(static_cast<int32_t>(decode_.size()), n_heads, n_splits_, head_dim);
 }
 
 const kernels::SamplingConfig* StepPlan::configs() const { return at<kernels::SamplingConfig>(device_, at_.configs); }

@@ -4,6 +4,7 @@
 // backend.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -32,8 +33,11 @@ class StepPlan {
   const std::vector<int32_t>& first_row() const { return first_row_; }
   const std::vector<int32_t>& sample_of_sequence() const { return sample_of_seq_; }
   const std::vector<uint8_t>& wants_logprob() const { return want_logprob_; }
-  bool decode_only() const { return tiles_.empty() && decode_tokens_.size() == table_offsets_.size(); }
-  int32_t n_decode() const { return static_cast<int32_t>(decode_tokens_.size()); }
+  bool decode_only() const { return tiles_.empty() && decode_.size() == table_offsets_.size(); }
+  int32_t n_decode() const { return static_cast<int32_t>(decode_.size()); }
+  bool any_logprob() const {
+    return std::find(want_logprob_.begin(), want_logprob_.end(), 1) != want_logprob_.end();
+  }
   int32_t n_splits() const { return n_splits_; }
   int32_t split_tokens() const { return split_tokens_; }
   const void* device_buffer() const { return device_.get(); }
@@ -54,7 +58,8 @@ class StepPlan {
   size_t place(const std::vector<T>& v);  // offset of v in the staging buffer
 
   std::vector<int32_t> ids_, token_seq_, token_pos_, tables_, table_offsets_, kv_lengths_;
-  std::vector<int32_t> logit_rows_, first_row_, decode_tokens_;
+  std::vector<int32_t> logit_rows_, first_row_;
+  std::vector<kernels::DecodeEntry> decode_;
   std::vector<kernels::AttentionTile> tiles_;
   std::vector<kernels::SamplingConfig> configs_;
   std::vector<kernels::TokenCount> seen_;
@@ -67,7 +72,7 @@ class StepPlan {
 
   std::vector<uint8_t> bytes_;
   struct Offsets {
-    size_t ids, token_seq, token_pos, tables, table_offsets, kv_lengths, logit_rows, decode_tokens, tiles, configs,
+    size_t ids, token_seq, token_pos, tables, table_offsets, kv_lengths, logit_rows, decode, tiles, configs,
         seen, seen_offsets, steps;
   } at_{};
   kernels::PinnedBuffer pinned_;

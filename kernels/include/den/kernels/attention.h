@@ -44,8 +44,16 @@ struct AttentionTile {
   int32_t first_position;  // position of that token in its sequence
 };
 
+// A single-token (decode) sequence, everything its attention block needs in one load.
+struct DecodeEntry {
+  int32_t token;         // row in the step's q / out
+  int32_t seq;           // sequence index in the batch
+  int32_t kv_length;     // tokens in its KV
+  int32_t table_offset;  // its block table in PagedBatch::block_tables
+};
+
 struct AttentionPlan {
-  const int32_t* decode_tokens = nullptr;  // [n_decode] rows of single-token sequences
+  const DecodeEntry* decode = nullptr;  // [n_decode] single-token sequences
   int32_t n_decode = 0;
   int32_t n_splits = 1;       // KV of each decode sequence split into chunks of split_tokens (<= 128)
   int32_t split_tokens = 1 << 30;
@@ -59,7 +67,7 @@ bool attention_fast_path(DType kv_dtype, int32_t head_dim);
 size_t attention_workspace_bytes(int32_t n_decode, int32_t n_heads, int32_t n_splits, int32_t head_dim);
 
 // q, out: [n_tokens, n_heads, head_dim] in the KV's dtype. With a fast path, every token must be
-// in exactly one of plan.decode_tokens or plan.tiles; otherwise the plan is ignored and every
+// in exactly one of plan.decode or plan.tiles; otherwise the plan is ignored and every
 // token of the batch is computed.
 void paged_attention_cuda(const void* q, void* out, const PagedKvView& kv, const PagedBatch& batch,
                           const AttentionPlan& plan, int32_t layer, int32_t n_heads, float scale, CudaStream stream);
