@@ -1,18 +1,14 @@
-// Decode attention over paged KV (f16/bf16, head_dim 64 or 128), one query token per sequence.
-// A block of 4 warps handles (KV head, split, sequence) and walks its split in chunks of 128
-// positions, one position per thread, in three phases per chunk:
-//   A. scores: each thread reads its K row whole (all 16-byte pieces issued before use) and
-//      takes its dot products with the G query heads sharing the KV head (q in shared memory,
-//      read by broadcast): no cross-lane reductions at all;
-//   B. softmax bookkeeping: warp g takes head g's chunk max and rescales its running sum;
-//   C. values: each warp takes a quarter of the chunk's rows, each lane a few columns of every
-//      head, so V rows are read coalesced and weights come from shared memory by broadcast.
-// Splits of a sequence write partial (max, sum, accumulator) states; the last block to finish
-// a (sequence, KV head) merges them (a counter per pair, reset by that block), loading every
-// split's state in parallel, so no second kernel is launched. Scores are in the log2 domain
-// (q pre-scaled by scale * log2 e).
+// Decode attention over paged KV on tensor cores (f16/bf16, head_dim 64 or 128), one query
+// token per sequence. The G query heads that share a KV head are the rows of one 16-row mma
+// tile (the rest zero), so every K and V row is read once for the whole group. A block of 4
+// warps handles (KV head, split, sequence); each warp walks tiles of 16 positions of the split
+// (warp w takes tiles w, w + 4, ...), gathering them through the block table into its own
+// double-buffered shared memory with cp.async (loads of tile i + 1 in flight while tile i is
+// computed; positions past the end are zero-filled), S = Q K^T and O += P V as m16n8k16 mma,
+// online softmax in the log2 domain. The 4 warps' states merge through shared memory; splits of
+// a sequence write partial (max, sum, accumulator) states and the last block to finish a
+// (sequence, KV head) merges them (a counter per pair, reset by that block).
 #include <cmath>
-#include <type_traits>
 
 #include "attention_common.cuh"
 #include "den/kernels/attention.h"
@@ -24,9 +20,17 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kChunk = kThreads;  // one position per thread in phase A
-constexpr int kRowsInFlight = 8;  // phase C: V rows each lane has loads out for
+constexpr int kTile = 16;       // positions per warp tile
 constexpr int kMaxSplits = 128;
+
+template <int HD>
+struct DecodeSmem {
+  static constexpr int kStride = HD + 8;  // padded rows: ldmatrix's eight rows on distinct banks
+  static constexpr size_t kQ = 16 * kStride;
+  static constexpr size_t kTileElems = kTile * kStride;
+  // Q, then per warp 2 stages of (K tile, V tile); afterwards reused for the warps' merge.
+  static constexpr size_t kElems = kQ + size_t{kWarps} * 2 * 2 * kTileElems;
+};
 
 template <typename T, int HD, int G>
 __global__ void __launch_bounds__(kThreads)
@@ -34,147 +38,188 @@ __global__ void __launch_bounds__(kThreads)
                             const DecodeEntry* __restrict__ decode, int32_t layer, int32_t n_heads,
                             float scale_log2, int32_t split_tokens, int32_t n_splits, float* __restrict__ partial,
                             int32_t* __restrict__ counters) {
-  constexpr int VEC = kVec<T>;        // elements per 16-byte piece
-  constexpr int PIECES = HD / VEC;    // pieces per row
-  constexpr int COLS = HD / 32;       // phase C: columns per lane
+  using Smem = DecodeSmem<HD>;
+  constexpr int STRIDE = Smem::kStride;
+  constexpr int CHUNKS = HD / 8;  // 16-byte pieces per row
   pdl_allow_next();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
   const int kv_head = blockIdx.x, split = blockIdx.y, d = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T* Ks[2];
+  T* Vs[2];
+  for (int st = 0; st < 2; ++st) {
+    Ks[st] = Qs + Smem::kQ + (static_cast<size_t>(warp) * 2 + st) * 2 * Smem::kTileElems;
+    Vs[st] = Ks[st] + Smem::kTileElems;
+  }
   const DecodeEntry entry = decode[d];  // the step's plan: no kernel writes it
   const int token = entry.token;
-  const int len = entry.kv_length;
   const int begin = split * split_tokens;
-  const int end = min(len, begin + split_tokens);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-
-  __shared__ __align__(16) float q_s[G][HD];
-  __shared__ float scores[G][kChunk];
-  __shared__ float run_max[G], run_sum[G], rescale[G];
-  __shared__ float reduce_buf[kWarps][G][HD];
-
+  const int end = min(entry.kv_length, begin + split_tokens);
   const int32_t* table = batch.block_tables + entry.table_offset;
   const T* pool = static_cast<const T*>(kv.blocks);
   const int bt = kv.layout.block_tokens;
   const int64_t v_offset = kv.layout.slab_elements();
-  auto row_offset = [&](int p) {
-    return kv.offset(table[p / bt], layer, 0, p % bt) + static_cast<int64_t>(kv_head) * HD;
+
+  // Gathers tile `t` (positions tile_start .. + 15) into stage `st`; rows past `end` zero-filled.
+  auto load_tile = [&](int tile_start, int st) {
+    for (int c = lane; c < kTile * CHUNKS; c += 32) {
+      const int r = c / CHUNKS, ch = c % CHUNKS;
+      const int p = tile_start + r;
+      const bool valid = p < end;
+      const T* src = pool;
+      if (valid) src = pool + kv.offset(table[p / bt], layer, 0, p % bt) + static_cast<int64_t>(kv_head) * HD + ch * 8;
+      cp_async_16(Ks[st] + r * STRIDE + ch * 8, src, valid);
+      cp_async_16(Vs[st] + r * STRIDE + ch * 8, valid ? src + v_offset : pool, valid);
+    }
+    cp_async_commit();
   };
 
-  // Everything above came from the plan; q and this token's K/V come from the previous kernel.
+  // The K/V of earlier positions could be fetched before the wait, but the newest one is the
+  // previous kernel's output: everything from here on waits for it.
   pdl_wait();
-  for (int i = threadIdx.x; i < G * HD; i += kThreads) {
-    const int g = i / HD, col = i % HD;
-    q_s[g][col] = to_float<T>(q[(static_cast<int64_t>(token) * n_heads + kv_head * G + g) * HD + col]) * scale_log2;
+  for (int c = threadIdx.x; c < 16 * CHUNKS; c += kThreads) {
+    const int r = c / CHUNKS, ch = c % CHUNKS;
+    const bool valid = r < G;
+    const T* src = valid ? q + (static_cast<int64_t>(token) * n_heads + kv_head * G + r) * HD + ch * 8 : q;
+    cp_async_16(Qs + r * STRIDE + ch * 8, src, valid);
   }
-  if (threadIdx.x < G) {
-    run_max[threadIdx.x] = -INFINITY;
-    run_sum[threadIdx.x] = 0.0f;
+  cp_async_commit();
+  const int first_tile = begin + warp * kTile;
+  if (first_tile < end) {
+    load_tile(first_tile, 0);
+  } else {
+    cp_async_commit();  // an empty group keeps the wait counts below uniform
   }
-  float acc[G][COLS];
-#pragma unroll
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int c = 0; c < COLS; ++c) acc[g][c] = 0.0f;
+  cp_async_wait<1>();  // Q is in (the first tile may still be in flight)
   __syncthreads();
 
-  for (int c0 = begin; c0 < end; c0 += kChunk) {
-    const int c_end = min(end, c0 + kChunk);
-    // A: this thread's row, every piece in flight, then G dot products.
-    {
-      const int p = c0 + threadIdx.x;
-      float s[G];
+  uint32_t qf[HD / 16][4];
 #pragma unroll
-      for (int g = 0; g < G; ++g) s[g] = -INFINITY;
-      if (p < c_end) {
-        const T* row = pool + row_offset(p);
-        uint4 raw[PIECES];
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    ldmatrix_x4(qf[kk], Qs + (((lane / 8) % 2) * 8 + lane % 8) * STRIDE + kk * 16 + (lane / 16) * 8);
+  }
+  float o[HD / 8][4];
 #pragma unroll
-        for (int i = 0; i < PIECES; ++i) raw[i] = *reinterpret_cast<const uint4*>(row + i * VEC);
-#pragma unroll
-        for (int g = 0; g < G; ++g) s[g] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < PIECES; ++i) {
-          const T* e = reinterpret_cast<const T*>(&raw[i]);
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const float k = to_float<T>(e[j]);
-#pragma unroll
-            for (int g = 0; g < G; ++g) s[g] = fmaf(q_s[g][i * VEC + j], k, s[g]);
-          }
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < G; ++g) scores[g][threadIdx.x] = s[g];
+  for (int dt = 0; dt < HD / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  int stage = 0;
+  for (int tile_start = first_tile; tile_start < end; tile_start += kWarps * kTile) {
+    const int next = tile_start + kWarps * kTile;
+    if (next < end) {
+      load_tile(next, stage ^ 1);
+      cp_async_wait<1>();  // this tile is in; the next one may still be in flight
+    } else {
+      cp_async_wait<0>();
     }
-    __syncthreads();
-    // B: warp g turns head g's scores into weights and updates its running max and sum.
-    if (warp < G) {
-      const int g = warp;
-      float m = -INFINITY;
-      for (int i = lane; i < kChunk; i += 32) m = fmaxf(m, scores[g][i]);
-      m = warp_max(m);
-      const float m_new = fmaxf(run_max[g], m);
-      float l = 0.0f;
-      for (int i = lane; i < kChunk; i += 32) {
-        const float w = m_new == -INFINITY ? 0.0f : exp2f(scores[g][i] - m_new);
-        scores[g][i] = w;
-        l += w;
-      }
-      l = warp_sum(l);
-      if (lane == 0) {
-        const float r = run_max[g] == -INFINITY ? 0.0f : exp2f(run_max[g] - m_new);
-        rescale[g] = r;
-        run_sum[g] = run_sum[g] * r + l;
-        run_max[g] = m_new;
+    __syncwarp();
+    const T* K = Ks[stage];
+    const T* V = Vs[stage];
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4(b, K + ((lane / 16) * 8 + lane % 8) * STRIDE + kk * 16 + ((lane / 8) % 2) * 8);
+      mma_16816<T>(s[0], qf[kk], b[0], b[1]);
+      mma_16816<T>(s[1], qf[kk], b[2], b[3]);
+    }
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = tile_start + nt * 8 + (lane % 4) * 2 + (e % 2);
+        const float v = key < end ? s[nt][e] * scale_log2 : -INFINITY;
+        s[nt][e] = v;
+        mx[e / 2] = fmaxf(mx[e / 2], v);
       }
     }
-    __syncthreads();
-    // C: warp w takes rows w, w + 4, ...; lane takes columns lane * COLS ...
+    float correction[2];
 #pragma unroll
-    for (int g = 0; g < G; ++g)
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      correction[r] = m[r] == -INFINITY ? 0.0f : exp2f(m[r] - mx[r]);
+      m[r] = mx[r];
+      l[r] *= correction[r];
+    }
 #pragma unroll
-      for (int c = 0; c < COLS; ++c) acc[g][c] *= rescale[g];
-    for (int r0 = warp; r0 < c_end - c0; r0 += kWarps * kRowsInFlight) {
-      float vf[kRowsInFlight][COLS];
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
-        const int r = r0 + u * kWarps;
-        if (r < c_end - c0) {
-          const T* row = pool + row_offset(c0 + r) + v_offset + lane * COLS;
-          // COLS elements in one load (8 bytes at head_dim 128, 4 at 64).
-          using Packed = std::conditional_t<COLS * sizeof(T) == 8, uint2, uint32_t>;
-          const Packed raw = *reinterpret_cast<const Packed*>(row);
-          const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-          for (int c = 0; c < COLS; ++c) vf[u][c] = to_float<T>(e[c]);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
-        const int r = r0 + u * kWarps;
-        if (r >= c_end - c0) break;
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const float w = scores[g][r];
-#pragma unroll
-          for (int c = 0; c < COLS; ++c) acc[g][c] = fmaf(w, vf[u][c], acc[g][c]);
-        }
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = m[e / 2] == -INFINITY ? 0.0f : exp2f(s[nt][e] - m[e / 2]);
+        l[e / 2] += s[nt][e];
       }
     }
-    __syncthreads();  // scores are rewritten by the next chunk
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; ++dt) {
+      o[dt][0] *= correction[0];
+      o[dt][1] *= correction[0];
+      o[dt][2] *= correction[1];
+      o[dt][3] *= correction[1];
+    }
+    const uint32_t a[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
+                           pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+    for (int dt2 = 0; dt2 < HD / 16; ++dt2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, V + (((lane / 8) % 2) * 8 + lane % 8) * STRIDE + dt2 * 16 + (lane / 16) * 8);
+      mma_16816<T>(o[2 * dt2], a, b[0], b[1]);
+      mma_16816<T>(o[2 * dt2 + 1], a, b[2], b[3]);
+    }
+    __syncwarp();  // this stage is refilled two tiles later
+    stage ^= 1;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
 
-  // Sum the warps' accumulators.
+  // Merge the 4 warps (rows < G only) through shared memory, reusing the tile buffers.
+  __syncthreads();
+  float* merge_o = reinterpret_cast<float*>(smem_raw);  // [kWarps][G][HD]
+  float* merge_m = merge_o + kWarps * G * HD;            // [kWarps][G]
+  float* merge_l = merge_m + kWarps * G;                 // [kWarps][G]
+  const int row0 = lane / 4;
 #pragma unroll
-  for (int g = 0; g < G; ++g)
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    if (row >= G) continue;
 #pragma unroll
-    for (int c = 0; c < COLS; ++c) reduce_buf[warp][g][lane * COLS + c] = acc[g][c];
+    for (int dt = 0; dt < HD / 8; ++dt) {
+      const int col = dt * 8 + (lane % 4) * 2;
+      merge_o[(warp * G + row) * HD + col] = o[dt][2 * r];
+      merge_o[(warp * G + row) * HD + col + 1] = o[dt][2 * r + 1];
+    }
+    if (lane % 4 == 0) {
+      merge_m[warp * G + row] = m[r];
+      merge_l[warp * G + row] = l[r];
+    }
+  }
+  __syncthreads();
+  __shared__ float run_max[G], run_sum[G], warp_scale[kWarps][G];
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float mm = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, merge_m[w * G + g]);
+    float ll = 0.0f;
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = mm == -INFINITY || merge_m[w * G + g] == -INFINITY ? 0.0f : exp2f(merge_m[w * G + g] - mm);
+      warp_scale[w][g] = f;
+      ll += merge_l[w * G + g] * f;
+    }
+    run_max[g] = mm;
+    run_sum[g] = ll;
+  }
   __syncthreads();
   const bool single = n_splits == 1;
   for (int e = threadIdx.x; e < G * HD; e += kThreads) {
     const int g = e / HD, col = e % HD;
     float total = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += reduce_buf[w][g][col];
+    for (int w = 0; w < kWarps; ++w) total += merge_o[(w * G + g) * HD + col] * warp_scale[w][g];
     const int head = kv_head * G + g;
     if (single) {
       out[(static_cast<int64_t>(token) * n_heads + head) * HD + col] =
@@ -201,9 +246,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   if (!last) return;
-  // Merge: every split's (max, sum) into shared memory in one parallel load, the scale of each
-  // split per head, then each output element as independent L2 loads (__ldcg: other blocks
-  // wrote them; L1 may hold nothing stale).
+  // Every split's (max, sum) into shared memory in one parallel load, the scale of each split
+  // per head, then each output element as independent L2 loads (__ldcg: other blocks wrote
+  // them; L1 may hold nothing stale).
   __threadfence();
   __shared__ float split_max[kMaxSplits][G], split_scale[kMaxSplits][G], inv_total[G];
   const float* head_base = partial + (static_cast<int64_t>(d) * n_heads + kv_head * G) * n_splits * (HD + 2);
@@ -216,15 +261,15 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (threadIdx.x < G) {
     const int g = threadIdx.x;
-    float m = -INFINITY;
-    for (int sp = 0; sp < n_splits; ++sp) m = fmaxf(m, split_max[sp][g]);
-    float l = 0.0f;
+    float mm = -INFINITY;
+    for (int sp = 0; sp < n_splits; ++sp) mm = fmaxf(mm, split_max[sp][g]);
+    float ll = 0.0f;
     for (int sp = 0; sp < n_splits; ++sp) {
-      const float f = m == -INFINITY || split_max[sp][g] == -INFINITY ? 0.0f : exp2f(split_max[sp][g] - m);
-      l += split_scale[sp][g] * f;
+      const float f = mm == -INFINITY || split_max[sp][g] == -INFINITY ? 0.0f : exp2f(split_max[sp][g] - mm);
+      ll += split_scale[sp][g] * f;
       split_scale[sp][g] = f;
     }
-    inv_total[g] = l > 0.0f ? 1.0f / l : 0.0f;
+    inv_total[g] = ll > 0.0f ? 1.0f / ll : 0.0f;
   }
   __syncthreads();
   for (int e = threadIdx.x; e < G * HD; e += kThreads) {
@@ -277,7 +322,11 @@ void decode_attention_launch(const void* q, void* out, const PagedKvView& kv, co
       constexpr int HD = decltype(hd_tag)::value;
       dispatch_group(group, [&](auto g_tag) {
         constexpr int G = decltype(g_tag)::value;
-        launch_chained(decode_attention_kernel<T, HD, G>, grid, dim3(kThreads), 0, stream, static_cast<const T*>(q),
+        auto kernel = decode_attention_kernel<T, HD, G>;
+        constexpr size_t smem = DecodeSmem<HD>::kElems * sizeof(T);
+        static_assert(smem >= (kWarps * G * HD + 2 * kWarps * G) * sizeof(float), "merge space");
+        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        launch_chained(kernel, grid, dim3(kThreads), smem, stream, static_cast<const T*>(q),
                        static_cast<T*>(out), kv, batch, plan.decode, layer, n_heads, scale_log2, plan.split_tokens,
                        plan.n_splits, partial, counters);
       });

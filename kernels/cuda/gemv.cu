@@ -1,8 +1,8 @@
 // Small-batch GEMV with fused prologue and epilogues (see den/kernels/gemv.h).
-// A block of 128 threads owns one pair of output rows and walks n_in with 16-byte loads,
-// kUnroll vectors per row in flight per thread; x is read through L1 (tiny, shared by every
-// block). Sums are reduced across the block (shuffles, then shared memory) and thread t
-// finishes token t's epilogue.
+// Persistent blocks of 4 warps; each warp owns one pair of output rows at a time and walks n_in
+// with 16-byte loads, kUnroll pieces per row in flight plus the next step's prefetched; x is
+// read through L1 (tiny, shared by every warp). Sums are reduced with shuffles and lane t
+// finishes token t's epilogue: no block barrier per pair.
 #include <algorithm>
 #include <cmath>
 
@@ -133,9 +133,8 @@ __device__ void last_block_norm(int64_t n_out, const GemvNormOut& norm_out, floa
 }
 
 // Weights of one loop step of one pair, kept packed (16-byte pieces) until used: half the
-// registers of unpacked floats, so the next pair's loads can be in flight during this one's
-// reduction.
-template <typename T>
+// registers of unpacked floats, so the next step's loads can be in flight during this one's
+// arithmetic.
 struct PairPieces {
   uint4 row[kUnroll][2];
 };
@@ -145,21 +144,19 @@ __global__ void __launch_bounds__(kThreads)
     gemv_kernel(const T* __restrict__ w, int64_t n_in, int64_t n_out, GemvInput input, GemvEpilogue epilogue,
                 void* __restrict__ y, GemvRope rope, GemvNormOut norm_out) {
   constexpr int VEC = kVec<T>;
-  constexpr int64_t kStep = kThreads * VEC;
+  constexpr int64_t kStep = 32 * VEC;  // elements a warp covers per piece
   pdl_allow_next();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __shared__ float block_sums[kWarps][2][B];
   __shared__ float row_scale[B];
+  __shared__ float scratch[kWarps * B];
   const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
   const bool normed = input.norm_weight != nullptr;
-  const int64_t first = threadIdx.x * VEC;
+  const int64_t first = lane * VEC;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarps;
 
-  auto rows_of = [&](int64_t pair, int64_t& r0, int64_t& r1) {
-    pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r0, r1);
-  };
-  auto load_pieces = [&](int64_t pair, int64_t base, PairPieces<T>& pieces) {
+  auto load_pieces = [&](int64_t pair, int64_t base, PairPieces& pieces) {
     int64_t r0, r1;
-    rows_of(pair, r0, r1);
+    pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r0, r1);
     const T* w0 = w + r0 * n_in;
     const T* w1 = w + (r1 < n_out ? r1 : r0) * n_in;
 #pragma unroll
@@ -176,20 +173,20 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int t = 0; t < B; ++t) x_row[t] = input.rows != nullptr ? input.rows[t] : t;
 
-  // Weights belong to no kernel: the first loads go out before waiting for the predecessor,
-  // whose outputs (x, the norm scales, the KV pages) are read only after pdl_wait().
-  int64_t pair = blockIdx.x;
-  PairPieces<T> cur, next;
+  // A warp owns a pair of rows at a time and walks pairs with the stride of all warps: no block
+  // barrier per pair. Weights belong to no kernel, so the first loads go out before waiting for
+  // the predecessor, whose outputs (x, the norm scales, the KV pages) are read after pdl_wait().
+  int64_t pair = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  PairPieces cur, next;
   if (pair < n_pairs) load_pieces(pair, first, cur);
   pdl_wait();
   if (normed && threadIdx.x < B) row_scale[threadIdx.x] = input.inv_rms[x_row[threadIdx.x]];
   __syncthreads();
 
-  for (; pair < n_pairs; pair += gridDim.x) {
+  for (; pair < n_pairs; pair += warps_total) {
     int64_t r[2];
-    rows_of(pair, r[0], r[1]);
+    pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r[0], r[1]);
     const bool second = r[1] < n_out;
-    const int64_t next_pair = pair + gridDim.x;
     float acc[2][B];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -197,9 +194,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int t = 0; t < B; ++t) acc[i][t] = 0.0f;
 
     for (int64_t base = first; base < n_in; base += kStep * kUnroll) {
-      if (base != first) load_pieces(pair, base, cur);
-      // On the pair's last step, the next pair's first pieces go out now.
-      if (base + kStep * kUnroll >= n_in && next_pair < n_pairs) load_pieces(next_pair, first, next);
+      // The next step's pieces (of this pair, or the first of the next pair) go out now.
+      const int64_t next_base = base + kStep * kUnroll;
+      if (next_base < n_in) {
+        load_pieces(pair, next_base, next);
+      } else if (pair + warps_total < n_pairs) {
+        load_pieces(pair + warps_total, first, next);
+      }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t k = base + u * kStep;
@@ -246,31 +247,22 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
+      cur = next;
     }
+    // Lane t finishes token t (the sums are on every lane after the butterfly).
+    float a0 = 0.0f, a1 = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int t = 0; t < B; ++t) {
-        const float v = warp_sum(acc[i][t]);
-        if (lane == 0) block_sums[warp][i][t] = v;
+    for (int t = 0; t < B; ++t) {
+      const float s0 = warp_sum(acc[0][t]), s1 = warp_sum(acc[1][t]);
+      if (t == lane) {
+        a0 = s0;
+        a1 = s1;
       }
-    __syncthreads();
-
-    // Thread t finishes token t.
-    const int t = threadIdx.x;
-    if (t < B) {
-      float a0 = 0.0f, a1 = 0.0f;
-      for (int k = 0; k < kWarps; ++k) {
-        a0 += block_sums[k][0][t];
-        a1 += block_sums[k][1][t];
-      }
-      finish_pair<T>(epilogue, t, pair, r, second, a0, a1, n_out, y, rope, norm_out);
     }
-    __syncthreads();  // block_sums is rewritten for the next pair
-    cur = next;
+    if (lane < B) finish_pair<T>(epilogue, lane, pair, r, second, a0, a1, n_out, y, rope, norm_out);
   }
   if (epilogue == GemvEpilogue::accumulate && norm_out.inv_rms != nullptr) {
-    last_block_norm<B>(n_out, norm_out, block_sums[0][0]);
+    last_block_norm<B>(n_out, norm_out, scratch);
   }
 }
 
@@ -352,7 +344,8 @@ void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_o
       // stride (no launch cost per pair, no ragged last wave).
       static thread_local int per_sm = 0;
       if (per_sm == 0) check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<T, B>, kThreads, 0));
-      const auto blocks = static_cast<unsigned>(std::min<int64_t>(n_pairs, int64_t{sm_count()} * std::max(per_sm, 1)));
+      const int64_t warps_needed = (n_pairs + kWarps - 1) / kWarps;
+      const auto blocks = static_cast<unsigned>(std::min<int64_t>(warps_needed, int64_t{sm_count()} * std::max(per_sm, 1)));
       launch_chained(gemv_kernel<T, B>, dim3(blocks), dim3(kThreads), 0, stream, static_cast<const T*>(weights), n_in,
                      n_out, input, epilogue, y, rope != nullptr ? *rope : no_rope,
                      norm_out != nullptr ? *norm_out : no_norm);
