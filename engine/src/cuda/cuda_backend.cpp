@@ -100,10 +100,11 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  // Steps of up to 4 tokens use the fused GEMV kernels; larger ones cuBLAS (at 8 tokens the
-  // GEMV's per-token reads of x through L1 cost more than cuBLAS's tiles: measured on H200,
-  // 8B shape, batch 8 at 1K context: 15.1 ms per step with GEMV).
-  static constexpr int64_t kGemvTokens = 4;
+  // Single-token steps use the fused GEMV kernels; larger ones cuBLAS. The GEMV reads x once
+  // per token through L1, which grows with the batch: measured on H200, 8B shape, 1K context,
+  // per step: batch 1 GEMV 5.8 ms; batch 4 GEMV 9.8 ms; batch 8 GEMV 15.1 ms, cuBLAS 6.6 ms.
+  // TODO(#3): stage x in shared memory once per block to keep small batches on the GEMV path.
+  static constexpr int64_t kGemvTokens = 1;
   bool use_gemv(int64_t n) const {
     const ModelConfig& c = model_.config();
     if (n > kGemvTokens) return false;
