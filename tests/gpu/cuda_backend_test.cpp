@@ -88,17 +88,20 @@ TEST_CASE("1B-shape model: GPU logits match the CPU reference for a mixed batch 
                 {b2, 20, b_table, engine::LogitsWanted::all},
                 {c, 32, c_table, engine::LogitsWanted::last}},
                "1B step 2 (decode + prefill continuation + shared-prefix prefill)");
-  // Steps 3 and 4: pure decode of A, B and C (the fused GEMV path; the second replays the
-  // captured graph of the first).
+  // Steps 3 and 4: pure decode of A, B and C (captured as a graph, then replayed).
   const auto a3 = tokens(1), b3 = tokens(1), c3 = tokens(1), a4 = tokens(1), b4 = tokens(1), c4 = tokens(1);
   compare_step({{a3, 41, a_table, engine::LogitsWanted::last},
                 {b3, 29, b_table, engine::LogitsWanted::last},
                 {c3, 41, c_table, engine::LogitsWanted::last}},
-               "1B step 3 (three decodes, GEMV path, captured)");
+               "1B step 3 (three decodes, captured)");
   compare_step({{a4, 42, a_table, engine::LogitsWanted::last},
                 {b4, 30, b_table, engine::LogitsWanted::last},
                 {c4, 42, c_table, engine::LogitsWanted::last}},
                "1B step 4 (three decodes, graph replay)");
+  // Steps 5 and 6: A alone (the fused GEMV path, captured, then replayed).
+  const auto a5 = tokens(1), a6 = tokens(1);
+  compare_step({{a5, 43, a_table, engine::LogitsWanted::last}}, "1B step 5 (single decode, GEMV path, captured)");
+  compare_step({{a6, 44, a_table, engine::LogitsWanted::last}}, "1B step 6 (single decode, graph replay)");
 }
 
 TEST_CASE("SmolLM2 greedy continuations on the GPU follow the CPU's, or part at a near tie") {
