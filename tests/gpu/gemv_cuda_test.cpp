@@ -43,7 +43,7 @@ std::vector<float> read(const kernels::DeviceBuffer& b, size_t n, DType t) {
 
 }  // namespace
 
-TEST_CASE("gemv_cuda matches gemv_ref: store, accumulate, swiglu; with and without the norm") {
+TEST_CASE("gemv_cuda matches gemv_ref: store, accumulate, swiglu, with and without the norm") {
   DEN_SKIP_WITHOUT_GPU();
   std::mt19937 rng(61);
   for (DType t : {DType::bf16, DType::f16, DType::f32}) {
