@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "attention_common.cuh"
+#include "count_dispatch.h"
 #include "den/kernels/attention.h"
 #include "den/kernels/cuda_check.h"
 #include "pdl.cuh"
@@ -284,21 +285,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename F>
-void dispatch_group(int32_t group, F&& f) {
-  switch (group) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-    default: throw std::invalid_argument("decode attention: 1 to 8 query heads per KV head are supported");
-  }
-}
-
 }  // namespace
 
 void decode_attention_launch(const void* q, void* out, const PagedKvView& kv, const PagedBatch& batch,
@@ -320,7 +306,7 @@ void decode_attention_launch(const void* q, void* out, const PagedKvView& kv, co
     using T = decltype(tag);
     dispatch_head_dim(kv.layout.head_dim, [&](auto hd_tag) {
       constexpr int HD = decltype(hd_tag)::value;
-      dispatch_group(group, [&](auto g_tag) {
+      dispatch_count_1_to_8(group, "decode attention: query heads per KV head", [&](auto g_tag) {
         constexpr int G = decltype(g_tag)::value;
         auto kernel = decode_attention_kernel<T, HD, G>;
         constexpr size_t smem = DecodeSmem<HD>::kElems * sizeof(T);

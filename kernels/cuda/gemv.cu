@@ -8,6 +8,8 @@
 
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/gemv.h"
+
+#include "count_dispatch.h"
 #include "device_types.cuh"
 #include "pdl.cuh"
 
@@ -283,21 +285,6 @@ __global__ void rms_kernel(const float* __restrict__ x, int64_t n, float eps, fl
   }
 }
 
-template <typename F>
-void dispatch_tokens(int32_t n, F&& f) {
-  switch (n) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-    default: throw std::invalid_argument("gemv: 1 to 8 tokens");
-  }
-}
-
 int sm_count() {
   static thread_local int device = -1, count = 0;
   int current = 0;
@@ -338,7 +325,7 @@ void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_o
   const GemvNormOut no_norm{};
   dispatch_dtype(weight_type, [&](auto tag) {
     using T = decltype(tag);
-    dispatch_tokens(n_tokens, [&](auto b_tag) {
+    dispatch_count_1_to_8(n_tokens, "gemv: tokens per call", [&](auto b_tag) {
       constexpr int B = decltype(b_tag)::value;
       // Persistent blocks: as many as are resident at once, each walking pairs with the grid's
       // stride (no launch cost per pair, no ragged last wave).
