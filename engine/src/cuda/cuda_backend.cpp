@@ -40,9 +40,10 @@ bool ensure(DeviceBuffer& buffer, size_t bytes) {
   return true;
 }
 
-// What a captured decode step depends on besides the contents of the plan's device arrays.
-using GraphKey =
-    std::tuple<int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, const void*, int64_t, const void*, bool, bool>;
+// What a captured decode step depends on besides the contents of the plan's device arrays:
+// counts and flags, the KV pool, and where the plan's arrays sit.
+using GraphKey = std::tuple<int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, const void*, int64_t, int32_t,
+                            const void*, cuda::StepPlan::Offsets, bool, bool>;
 
 class CudaBackend final : public Backend {
  public:
@@ -79,9 +80,19 @@ class CudaBackend final : public Backend {
     const bool gemv = use_gemv(n);
     if (plan_.decode_only()) {
       // Decode steps replay a captured graph: one launch instead of a hundred or more.
-      const GraphKey key{static_cast<int32_t>(n), plan_.n_logit_rows(), plan_.n_host_rows(), plan_.n_samples(),
-                         plan_.n_splits(),        plan_.split_tokens(),  kv.blocks,           kv.n_blocks,
-                         plan_.device_buffer(),   gemv,                  plan_.any_logprob()};
+      const GraphKey key{static_cast<int32_t>(n),
+                         plan_.n_logit_rows(),
+                         plan_.n_host_rows(),
+                         plan_.n_samples(),
+                         plan_.n_splits(),
+                         plan_.split_tokens(),
+                         kv.blocks,
+                         kv.n_blocks,
+                         kv.layout.block_tokens,
+                         plan_.device_buffer(),
+                         plan_.layout(),
+                         gemv,
+                         plan_.any_logprob()};
       auto it = graphs_.find(key);
       if (it == graphs_.end()) {
         if (graphs_.size() >= 64) graphs_.clear();

@@ -99,7 +99,9 @@ void StepPlan::build(std::span<const SequenceInput> batch, int32_t n_heads, bool
 template <typename T>
 size_t StepPlan::place(const std::vector<T>& v) {
   const size_t at = (bytes_.size() + 15) / 16 * 16;
-  bytes_.resize(at + v.size() * sizeof(T));
+  size_t room = std::max<size_t>(1, 16 / sizeof(T));
+  while (room < v.size()) room *= 2;
+  bytes_.resize(at + room * sizeof(T));
   if (!v.empty()) std::memcpy(bytes_.data() + at, v.data(), v.size() * sizeof(T));
   return at;
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <compare>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -42,6 +43,16 @@ class StepPlan {
   int32_t split_tokens() const { return split_tokens_; }
   const void* device_buffer() const { return device_.get(); }
 
+  // Where each array sits in the device buffer. A captured graph bakes these addresses in, so
+  // it may be replayed only for a step with the same layout; arrays get power-of-two room, so
+  // the layout stays put while block tables and penalty histories grow a little.
+  struct Offsets {
+    size_t ids, token_seq, token_pos, tables, table_offsets, kv_lengths, logit_rows, decode, tiles, configs,
+        seen, seen_offsets, steps;
+    auto operator<=>(const Offsets&) const = default;
+  };
+  const Offsets& layout() const { return at_; }
+
   // Device arrays (valid after upload()).
   const int32_t* ids() const;
   const int32_t* logit_rows() const;  // [n_logit_rows] token rows: host rows first, then sampled ones
@@ -55,7 +66,7 @@ class StepPlan {
 
  private:
   template <typename T>
-  size_t place(const std::vector<T>& v);  // offset of v in the staging buffer
+  size_t place(const std::vector<T>& v);  // offset of v in the staging buffer, with room to grow
 
   std::vector<int32_t> ids_, token_seq_, token_pos_, tables_, table_offsets_, kv_lengths_;
   std::vector<int32_t> logit_rows_, first_row_;
@@ -71,10 +82,7 @@ class StepPlan {
   int32_t n_splits_ = 1, split_tokens_ = 1 << 30;
 
   std::vector<uint8_t> bytes_;
-  struct Offsets {
-    size_t ids, token_seq, token_pos, tables, table_offsets, kv_lengths, logit_rows, decode, tiles, configs,
-        seen, seen_offsets, steps;
-  } at_{};
+  Offsets at_{};
   kernels::PinnedBuffer pinned_;
   kernels::DeviceBuffer device_;
   kernels::Event uploaded_;
