@@ -19,6 +19,24 @@ namespace {
 
 constexpr size_t kAlignment = 64;
 
+// Page-locked, mapped host memory; nullptr when there is no CUDA device to pin it for.
+void* pin_host(size_t bytes) {
+#ifdef DEN_HAVE_CUDA
+  if (!kernels::cuda_device_available()) return nullptr;
+  void* p = nullptr;
+  // Portable: pinned for every context; mapped: kernels may read and write it (zero-copy).
+  if (cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped) != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw std::runtime_error("KV block pool: cannot pin " + std::to_string(bytes) +
+                             " bytes of host memory (make the DRAM tier smaller or raise the locked-memory limit)");
+  }
+  return p;
+#else
+  (void)bytes;
+  return nullptr;
+#endif
+}
+
 }  // namespace
 
 BlockPool::BlockPool(const kernels::KvLayout& layout, int64_t n_blocks, Placement placement, bool poison)
@@ -28,12 +46,7 @@ BlockPool::BlockPool(const kernels::KvLayout& layout, int64_t n_blocks, Placemen
                                 std::to_string(layout.block_bytes()) + " bytes is not a valid pool");
   }
   const auto bytes = static_cast<size_t>(layout.block_bytes()) * static_cast<size_t>(n_blocks);
-  if (placement == Placement::host) {
-    storage_ = std::aligned_alloc(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
-    if (storage_ == nullptr) {
-      throw std::runtime_error("KV block pool: cannot allocate " + std::to_string(bytes) + " bytes of host memory");
-    }
-  } else {
+  if (placement == Placement::device) {
 #ifdef DEN_HAVE_CUDA
     if (cudaMalloc(&storage_, bytes) != cudaSuccess) {
       (void)cudaGetLastError();
@@ -42,6 +55,16 @@ BlockPool::BlockPool(const kernels::KvLayout& layout, int64_t n_blocks, Placemen
 #else
     throw std::runtime_error("KV block pool: device memory needs a build with CUDA");
 #endif
+  } else {
+    if (placement == Placement::pinned_host) storage_ = pin_host(bytes);
+    pinned_ = storage_ != nullptr;
+    if (!pinned_) {
+      // host, or pinned_host without a device: ordinary memory.
+      storage_ = std::aligned_alloc(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
+      if (storage_ == nullptr) {
+        throw std::runtime_error("KV block pool: cannot allocate " + std::to_string(bytes) + " bytes of host memory");
+      }
+    }
   }
   free_.reserve(static_cast<size_t>(n_blocks));
   // Highest id at the bottom of the stack: blocks come out in ascending order.
@@ -49,13 +72,17 @@ BlockPool::BlockPool(const kernels::KvLayout& layout, int64_t n_blocks, Placemen
 }
 
 BlockPool::~BlockPool() {
-  if (placement_ == Placement::host) {
-    std::free(storage_);
-  } else {
 #ifdef DEN_HAVE_CUDA
-    cudaFree(storage_);
-#endif
+  if (pinned_) {
+    cudaFreeHost(storage_);
+    return;
   }
+  if (placement_ == Placement::device) {
+    cudaFree(storage_);
+    return;
+  }
+#endif
+  std::free(storage_);
 }
 
 void BlockPool::poison_block(int32_t block) {

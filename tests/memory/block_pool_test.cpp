@@ -1,6 +1,7 @@
 // Host block pool and per-sequence block tables.
 #include <cmath>
 #include <set>
+#include <string>
 
 #include "den/memory/block_pool.h"
 #include "test_support.h"
@@ -51,4 +52,17 @@ TEST_CASE("SequenceBlocks reserves, shrinks, and returns its blocks when destroy
 
 TEST_CASE("a pool that cannot exist is refused with its size") {
   CHECK_THROWS_WITH(memory::BlockPool(kLayout, 0, memory::Placement::host, false), doctest::Contains("0 blocks"));
+}
+
+TEST_CASE("a pinned_host pool holds data whether or not it could pin it, and poisons like host") {
+  memory::BlockPool pool(kLayout, 3, memory::Placement::pinned_host, true);
+  CHECK(pool.placement() == memory::Placement::pinned_host);
+  // Pinned only with a CUDA device; otherwise ordinary host memory (and says so).
+  MESSAGE("pinned_host pool is " << std::string(pool.is_pinned() ? "page-locked" : "ordinary host memory"));
+  const int32_t b = *pool.allocate();
+  auto* p = static_cast<float*>(pool.view().blocks) + b * kLayout.block_elements();
+  for (int64_t i = 0; i < kLayout.block_elements(); ++i) REQUIRE(std::isnan(p[i]));
+  for (int64_t i = 0; i < kLayout.block_elements(); ++i) p[i] = static_cast<float>(i) * 0.5f;
+  for (int64_t i = 0; i < kLayout.block_elements(); ++i) REQUIRE(p[i] == static_cast<float>(i) * 0.5f);
+  CHECK_FALSE(memory::BlockPool(kLayout, 1, memory::Placement::host, false).is_pinned());
 }

@@ -1,0 +1,103 @@
+// POSIX file access for the SSD tier: RAII descriptors, whole-buffer writes and reads that
+// report errno, fsync of files and directories, atomic rename; and a fault injector through
+// which tests make any of these fail (EIO, ENOSPC, short writes). Used by segment_file and
+// the session manager's checkpoint path.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace den::memory {
+
+// An I/O call failed. `error_code` is the errno value; the message names the call and path.
+class IoError : public std::runtime_error {
+ public:
+  IoError(const std::string& message, int error_code) : std::runtime_error(message), error_code_(error_code) {}
+  int error_code() const { return error_code_; }
+
+ private:
+  int error_code_;
+};
+
+enum class IoOp { open, write, read, fsync, fsync_dir, rename, unlink };
+
+// What an injected fault does to one call: fail it with `error` (an errno value), or, for a
+// write, write only `short_write_bytes` bytes and then fail with ENOSPC (a full disk).
+struct IoFault {
+  int error = 0;                   // 0: no fault
+  int64_t short_write_bytes = -1;  // >= 0: a short write of this many bytes
+};
+
+// Tests subclass this; production passes nullptr everywhere.
+class IoFaultInjector {
+ public:
+  virtual ~IoFaultInjector() = default;
+  virtual IoFault before(IoOp op, const std::filesystem::path& path) = 0;
+};
+
+// A move-only owner of a file descriptor.
+class File {
+ public:
+  enum class Mode { read, create_exclusive };  // create_exclusive: O_CREAT|O_EXCL|O_WRONLY, 0600
+  // direct: O_DIRECT (buffers, offsets and lengths must then be multiples of kDirectIoAlignment);
+  // falls back to buffered I/O where the filesystem refuses O_DIRECT (tmpfs), see is_direct().
+  File(const std::filesystem::path& path, Mode mode, bool direct, IoFaultInjector* faults = nullptr);
+  ~File();
+  File(File&& other) noexcept;
+  File& operator=(File&& other) noexcept;
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+
+  // Writes all of `bytes` at `offset` (pwrite loop); throws IoError (short writes included).
+  void write_at(const void* bytes, int64_t size, int64_t offset);
+  // Reads exactly `size` bytes at `offset`; throws IoError, and on end of file too.
+  void read_at(void* bytes, int64_t size, int64_t offset) const;
+  // fsync; throws IoError. After a failed fsync the file must not be trusted or fsynced again.
+  void sync();
+  int64_t size() const;
+  bool is_direct() const { return direct_; }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  int fd_ = -1;
+  bool direct_ = false;
+  std::filesystem::path path_;
+  IoFaultInjector* faults_ = nullptr;
+};
+
+inline constexpr int64_t kDirectIoAlignment = 4096;
+
+// rename(2) alone (not yet durable); throws IoError. segment_file uses it with sync_directory
+// so that a crash test can stop between the two.
+void rename_file(const std::filesystem::path& from, const std::filesystem::path& to,
+                 IoFaultInjector* faults = nullptr);
+// rename(2) then fsync of the directory holding `to`; throws IoError.
+void rename_durably(const std::filesystem::path& from, const std::filesystem::path& to,
+                    IoFaultInjector* faults = nullptr);
+// fsync of a directory; throws IoError.
+void sync_directory(const std::filesystem::path& dir, IoFaultInjector* faults = nullptr);
+// unlink(2); a missing file is not an error. Throws IoError otherwise.
+void remove_file(const std::filesystem::path& path, IoFaultInjector* faults = nullptr);
+
+// A heap buffer aligned for O_DIRECT, move-only.
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(int64_t bytes);  // rounded up to kDirectIoAlignment, zero-filled
+  ~AlignedBuffer();
+  AlignedBuffer(AlignedBuffer&& other) noexcept;
+  AlignedBuffer& operator=(AlignedBuffer&& other) noexcept;
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  void* data() const { return data_; }
+  int64_t size() const { return size_; }
+
+ private:
+  void* data_ = nullptr;
+  int64_t size_ = 0;
+};
+
+}  // namespace den::memory
