@@ -1,5 +1,7 @@
-// Whole-block copies on the GPU: a grid-stride loop of 16-byte loads and stores over every
-// block of the list, so one launch moves any number of scattered blocks at full bandwidth.
+// Whole-block copies on the GPU (see den/kernels/kv_blocks.h). Each CTA iteration copies one
+// tile (up to 16 KiB) of one block, so the block id is read once per tile rather than divided
+// out per element, and every thread keeps four 16-byte loads in flight before storing: that
+// hides the latency of zero-copy reads over PCIe (a mapped pinned pool) as well as of HBM.
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/kv_blocks.h"
 
@@ -9,17 +11,50 @@
 namespace den::kernels {
 namespace {
 
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+constexpr int64_t kTileVectors = int64_t{kThreads} * kUnroll;  // 16 KiB per tile
+
 __global__ void kv_copy_blocks_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst,
                                       const int32_t* __restrict__ src_ids, const int32_t* __restrict__ dst_ids,
-                                      int32_t n, int64_t vectors_per_block) {
-  const int64_t total = n * vectors_per_block;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = i / vectors_per_block, v = i % vectors_per_block;
+                                      int32_t n, int64_t vectors_per_block, int64_t tiles_per_block) {
+  const int64_t tiles = n * tiles_per_block;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    // Uniform across the CTA: one division per tile, not per element.
+    const int64_t b = t / tiles_per_block;
+    const int64_t first = (t - b * tiles_per_block) * kTileVectors + threadIdx.x;
     const int64_t from = src_ids != nullptr ? src_ids[b] : b;
     const int64_t to = dst_ids != nullptr ? dst_ids[b] : b;
-    dst[to * vectors_per_block + v] = src[from * vectors_per_block + v];
+    const uint4* s = src + from * vectors_per_block;
+    uint4* d = dst + to * vectors_per_block;
+    uint4 r[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t v = first + k * kThreads;
+      if (v < vectors_per_block) r[k] = s[v];
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t v = first + k * kThreads;
+      if (v < vectors_per_block) d[v] = r[k];
+    }
   }
+}
+
+// Resident CTAs to launch: enough to fill every SM, no more (the loop strides over tiles).
+int64_t max_ctas() {
+  static thread_local int cached_device = -1;
+  static thread_local int64_t cached = 132 * 8;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return cached;
+  if (device != cached_device) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && sms > 0) {
+      cached = int64_t{sms} * 8;  // 8 x 256 threads = a full SM
+    }
+    cached_device = device;
+  }
+  return cached;
 }
 
 }  // namespace
@@ -29,10 +64,10 @@ void kv_copy_blocks_cuda(const void* src, void* dst, const int32_t* src_ids, con
   if (n == 0) return;
   if (block_bytes % 16 != 0) throw std::invalid_argument("kv_copy_blocks_cuda: block size must be a multiple of 16 bytes");
   const int64_t vectors = block_bytes / 16;
-  const int64_t total = n * vectors;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 132 * 16));
-  kv_copy_blocks_kernel<<<blocks, 256, 0, stream>>>(static_cast<const uint4*>(src), static_cast<uint4*>(dst), src_ids,
-                                                   dst_ids, n, vectors);
+  const int64_t tiles_per_block = (vectors + kTileVectors - 1) / kTileVectors;
+  const auto ctas = static_cast<unsigned>(std::min<int64_t>(n * tiles_per_block, max_ctas()));
+  kv_copy_blocks_kernel<<<ctas, kThreads, 0, stream>>>(static_cast<const uint4*>(src), static_cast<uint4*>(dst), src_ids,
+                                                       dst_ids, n, vectors, tiles_per_block);
   check_launch();
 }
 

@@ -481,15 +481,16 @@ struct SessionManager::Impl {
         counters.tokens_loaded += dram_tokens;
       }
       if (from_disk.empty()) continue;
-      read_from_disk_locked(lock, s, from_disk);
+      if (!read_from_disk_locked(lock, s, from_disk)) return false;  // out of host memory: later
       // A quarantine may have dropped part of s's KV: go round again to check.
     }
   }
 
   // Fills fast slots from segment files. Releases the lock for the reads; blocks being filled
-  // are in_flight and the session busy meanwhile. Reads go in chunks so that, on a GPU, the
-  // upload of one chunk is short next to the read of the next.
-  void read_from_disk_locked(std::unique_lock<std::mutex>& lock, SessionRecordMem& s,
+  // are in_flight and the session busy meanwhile. An unreadable or damaged segment is
+  // quarantined (its blocks' KV is lost and recomputed). False when part could not be read for
+  // lack of host memory (nothing lost; a later wake retries).
+  bool read_from_disk_locked(std::unique_lock<std::mutex>& lock, SessionRecordMem& s,
                              const std::vector<std::pair<size_t, int32_t>>& wanted) {
     struct Read {
       int32_t record;
@@ -518,36 +519,85 @@ struct SessionManager::Impl {
     std::vector<Read> done;
     lock.unlock();
     const bool on_device = fast.placement() == Placement::device;
-    constexpr int64_t kChunkBytes = 128 << 20;
+    // Chunks of 32 MiB read by a few threads at once: a VM or NVMe disk reaches its rate only
+    // with several requests in flight, and checksums and uploads then overlap the reads.
+    constexpr int64_t kChunkBytes = 32 << 20;
+    constexpr size_t kReadThreads = 4;
     const auto chunk_blocks = static_cast<size_t>(std::max<int64_t>(1, kChunkBytes / block_bytes));
-    AlignedBuffer staging;
-    if (on_device) staging = AlignedBuffer(static_cast<int64_t>(chunk_blocks) * block_bytes);
+    struct Chunk {
+      const std::string* segment;
+      const SegmentReader* reader;
+      size_t first, n;
+    };
+    std::map<std::string, std::unique_ptr<SegmentReader>> readers;
+    std::set<std::string> bad;  // guarded by io_mutex while the readers run
+    std::mutex io_mutex;
+    std::vector<Chunk> chunks;
     for (auto& [name, reads] : by_segment) {
       std::sort(reads.begin(), reads.end(), [](const Read& a, const Read& b) { return a.where.index < b.where.index; });
       try {
-        SegmentReader reader(kv_dir / name, SegmentHeader{config.model_fingerprint, 0, 0, config.layout},
-                             footers.at(name), config.faults);
-        for (size_t first = 0; first < reads.size(); first += chunk_blocks) {
-          const size_t n = std::min(chunk_blocks, reads.size() - first);
-          std::vector<int32_t> indices, slots;
-          std::vector<void*> destinations;
-          for (size_t k = 0; k < n; ++k) {
-            const Read& r = reads[first + k];
-            indices.push_back(r.where.index);
-            slots.push_back(r.slot);
-            destinations.push_back(on_device ? static_cast<char*>(staging.data()) + static_cast<int64_t>(k) * block_bytes
-                                             : static_cast<char*>(fast.view().blocks) + r.slot * block_bytes);
+        readers[name] = std::make_unique<SegmentReader>(
+            kv_dir / name, SegmentHeader{config.model_fingerprint, 0, 0, config.layout}, footers.at(name), config.faults);
+      } catch (const std::exception&) {
+        bad.insert(name);
+        continue;
+      }
+      for (size_t first = 0; first < reads.size(); first += chunk_blocks) {
+        chunks.push_back({&name, readers[name].get(), first, std::min(chunk_blocks, reads.size() - first)});
+      }
+    }
+    std::atomic<size_t> next_chunk{0};
+    std::vector<char> chunk_done(chunks.size(), 0);  // each written by the one thread that took it
+    auto read_chunks = [&] {
+      try {
+        AlignedBuffer staging;
+        if (on_device) staging = AlignedBuffer(static_cast<int64_t>(chunk_blocks) * block_bytes);
+        for (size_t c = next_chunk++; c < chunks.size(); c = next_chunk++) {
+          const Chunk& chunk = chunks[c];
+          chunk_done[c] = 1;
+          {
+            std::lock_guard io_lock(io_mutex);
+            if (bad.count(*chunk.segment)) continue;
           }
-          reader.read_blocks(indices, destinations);
-          if (on_device) {
-            std::vector<const void*> sources(destinations.begin(), destinations.end());
-            std::lock_guard transfer_lock(transfer_mutex);
-            transfers.host_to_fast(sources, slots).wait();
+          try {
+            const std::vector<Read>& reads = by_segment.at(*chunk.segment);
+            std::vector<int32_t> indices, slots;
+            std::vector<void*> destinations;
+            for (size_t k = 0; k < chunk.n; ++k) {
+              const Read& r = reads[chunk.first + k];
+              indices.push_back(r.where.index);
+              slots.push_back(r.slot);
+              destinations.push_back(on_device ? static_cast<char*>(staging.data()) + static_cast<int64_t>(k) * block_bytes
+                                               : static_cast<char*>(fast.view().blocks) + r.slot * block_bytes);
+            }
+            chunk.reader->read_blocks(indices, destinations);
+            if (on_device) {
+              std::vector<const void*> sources(destinations.begin(), destinations.end());
+              std::lock_guard transfer_lock(transfer_mutex);
+              transfers.host_to_fast(sources, slots).wait();
+            }
+          } catch (const std::exception&) {
+            std::lock_guard io_lock(io_mutex);
+            bad.insert(*chunk.segment);
           }
         }
-        done.insert(done.end(), reads.begin(), reads.end());
       } catch (const std::exception&) {
+        // No staging memory: this thread stops; chunks nobody took are retried by a later wake.
+      }
+    };
+    std::vector<std::thread> helpers;
+    for (size_t t = 1; t < std::min(kReadThreads, chunks.size()); ++t) helpers.emplace_back(read_chunks);
+    read_chunks();
+    for (auto& t : helpers) t.join();
+    std::set<std::string> unread;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      if (!chunk_done[c]) unread.insert(*chunks[c].segment);
+    }
+    for (const auto& [name, reads] : by_segment) {
+      if (bad.count(name)) {
         bad_segments.push_back(name);
+      } else if (!unread.count(name)) {
+        done.insert(done.end(), reads.begin(), reads.end());
       }
     }
     lock.lock();
@@ -566,9 +616,17 @@ struct SessionManager::Impl {
       }
       quarantine_locked(name, lost);
     }
+    for (const auto& name : unread) {
+      if (bad.count(name)) continue;
+      for (const Read& r : by_segment[name]) {
+        rec(r.record).in_flight = false;
+        fast.release(r.slot);
+      }
+    }
     s.busy = false;
     give_up_lost(lost);
     changed.notify_all();
+    return unread.empty();
   }
 
   // A segment failed verification or could not be read: never read it again; blocks whose only
@@ -1348,6 +1406,17 @@ RestorePlan SessionManager::restore_plan(SessionId id) const {
 void SessionManager::set_prefill_rate(double tokens_per_s) {
   std::lock_guard lock(impl_->mutex);
   if (tokens_per_s > 0) config_.costs.prefill_tokens_per_s = tokens_per_s;
+}
+
+LinkBandwidths SessionManager::measure_links(int64_t bytes) {
+  std::lock_guard transfer_lock(impl_->transfer_mutex);
+  return impl_->transfers.measure(bytes);
+}
+
+void SessionManager::set_link_bandwidths(double dram_to_fast_bytes_per_s, double ssd_read_bytes_per_s) {
+  std::lock_guard lock(impl_->mutex);
+  if (dram_to_fast_bytes_per_s > 0) config_.costs.dram_to_fast_bytes_per_s = dram_to_fast_bytes_per_s;
+  if (ssd_read_bytes_per_s > 0) config_.costs.ssd_read_bytes_per_s = ssd_read_bytes_per_s;
 }
 
 kernels::PagedKvView SessionManager::fast_view() const { return impl_->fast.view(); }

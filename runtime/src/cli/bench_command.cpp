@@ -268,6 +268,8 @@ void add_bench_commands(CLI::App& app) {
   prefill->add_option("--tokens", p->prefill_tokens, "Prompt lengths")->capture_default_str();
   prefill->add_option("--chunk", p->chunk, "Tokens per engine step")->check(CLI::Range(1, 1 << 20))->capture_default_str();
   prefill->callback([p] { run_prefill(*p); });
+
+  add_bench_resume_command(*bench);
 }
 
 }  // namespace den::runtime::cli

@@ -13,6 +13,7 @@ void add_chat_command(CLI::App& app);
 void add_tokenize_command(CLI::App& app);
 void add_model_commands(CLI::App& app);
 void add_bench_commands(CLI::App& app);
+void add_bench_resume_command(CLI::App& bench);  // under `den bench`
 
 // --temp, --top-k, --top-p, --min-p, --repeat-penalty, --repeat-last-n, --presence-penalty,
 // --frequency-penalty, --seed. `seed_given` tells whether --seed was on the command line.

@@ -33,6 +33,7 @@
 #include "den/memory/block_pool.h"
 #include "den/memory/file_io.h"
 #include "den/memory/restore_cost.h"
+#include "den/memory/transfer_engine.h"
 
 namespace den::memory {
 
@@ -202,6 +203,11 @@ class SessionManager {
   // What waking the session would cost, per the cost model.
   RestorePlan restore_plan(SessionId id) const;
   void set_prefill_rate(double tokens_per_s);
+
+  // Times copies of `bytes` between pinned DRAM and the fast pool (benchmark floors, and the
+  // cost model's bandwidth when the caller feeds it back through set_link_bandwidths).
+  LinkBandwidths measure_links(int64_t bytes);
+  void set_link_bandwidths(double dram_to_fast_bytes_per_s, double ssd_read_bytes_per_s);
 
   kernels::PagedKvView fast_view() const;
   const MemoryConfig& config() const { return config_; }
