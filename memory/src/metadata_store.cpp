@@ -566,6 +566,32 @@ std::optional<BlockLocation> MetadataStore::locate_block(uint64_t content_hash) 
   return loc;
 }
 
+std::vector<std::optional<BlockLocation>> MetadataStore::locate_blocks(std::span<const uint64_t> hashes) const {
+  std::lock_guard lock(impl_->mutex);
+  const Connection& c = impl_->conn;
+  Transaction tx(c, TxMode::read);  // one snapshot, one prepared statement for all of them
+  Statement st(c, "SELECT segment, idx, tokens, checksum FROM blocks WHERE content_hash = ?1");
+  std::vector<std::optional<BlockLocation>> out;
+  out.reserve(hashes.size());
+  for (uint64_t hash : hashes) {
+    st.bind_u64(1, hash);
+    if (st.step()) {
+      BlockLocation loc;
+      loc.content_hash = hash;
+      loc.segment = st.column_text(0);
+      loc.index = static_cast<int32_t>(st.column_int(1));
+      loc.tokens = static_cast<int32_t>(st.column_int(2));
+      loc.checksum = st.column_u64(3);
+      out.push_back(std::move(loc));
+    } else {
+      out.push_back(std::nullopt);
+    }
+    st.reset();
+  }
+  tx.commit();
+  return out;
+}
+
 std::vector<SegmentRecord> MetadataStore::segments() const {
   std::lock_guard lock(impl_->mutex);
   Statement st(impl_->conn,

@@ -412,6 +412,14 @@ struct SessionManager::Impl {
   }
 
   // -- residency -----------------------------------------------------------------------------
+  // The cost model learns the rates wakes really achieve (large ones only: small transfers are
+  // dominated by fixed costs the model does not describe).
+  static void calibrate(double& rate, int64_t bytes, double seconds) {
+    if (bytes < (int64_t{64} << 20) || seconds <= 0) return;
+    const double observed = static_cast<double>(bytes) / seconds;
+    rate = 0.5 * rate + 0.5 * observed;
+  }
+
   int32_t tokens_in_block(const SessionRecordMem& s, size_t index) const {
     return std::clamp(s.kv_tokens - static_cast<int32_t>(index) * block_tokens, 0, block_tokens);
   }
@@ -476,7 +484,10 @@ struct SessionManager::Impl {
       }
       if (!dram_src.empty()) {
         std::lock_guard transfer_lock(transfer_mutex);
+        const auto started = std::chrono::steady_clock::now();
         transfers.dram_to_fast(dram_src, dram_dst).wait();
+        calibrate(owner.config_.costs.dram_to_fast_bytes_per_s, static_cast<int64_t>(dram_src.size()) * block_bytes,
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
         counters.bytes_dram_to_fast += static_cast<int64_t>(dram_src.size()) * block_bytes;
         counters.tokens_loaded += dram_tokens;
       }
@@ -501,10 +512,15 @@ struct SessionManager::Impl {
     std::map<std::string, std::vector<Read>> by_segment;
     std::map<std::string, uint64_t> footers;
     std::vector<int32_t> unlocated;
-    for (const auto& [index, slot] : wanted) {
+    std::vector<uint64_t> wanted_hashes;
+    for (const auto& [index, slot] : wanted) wanted_hashes.push_back(rec(s.blocks[index]).durable_hash);
+    std::vector<std::optional<BlockLocation>> locations =
+        store ? store->locate_blocks(wanted_hashes) : std::vector<std::optional<BlockLocation>>(wanted.size());
+    for (size_t w = 0; w < wanted.size(); ++w) {
+      const auto& [index, slot] = wanted[w];
       const int32_t h = s.blocks[index];
       BlockRecord& b = rec(h);
-      std::optional<BlockLocation> where = store ? store->locate_block(b.durable_hash) : std::nullopt;
+      const std::optional<BlockLocation>& where = locations[w];
       if (!where || !segments.count(where->segment)) {
         fast.release(slot);
         unlocated.push_back(h);
@@ -585,6 +601,7 @@ struct SessionManager::Impl {
         // No staging memory: this thread stops; chunks nobody took are retried by a later wake.
       }
     };
+    const auto started = std::chrono::steady_clock::now();
     std::vector<std::thread> helpers;
     for (size_t t = 1; t < std::min(kReadThreads, chunks.size()); ++t) helpers.emplace_back(read_chunks);
     read_chunks();
@@ -600,6 +617,7 @@ struct SessionManager::Impl {
         done.insert(done.end(), reads.begin(), reads.end());
       }
     }
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     lock.lock();
     for (const Read& r : done) {
       BlockRecord& b = rec(r.record);
@@ -608,6 +626,7 @@ struct SessionManager::Impl {
       counters.bytes_ssd_read += block_bytes;
       counters.tokens_loaded += r.tokens;
     }
+    calibrate(owner.config_.costs.ssd_read_bytes_per_s, static_cast<int64_t>(done.size()) * block_bytes, elapsed);
     std::unordered_set<int32_t> lost(unlocated.begin(), unlocated.end());
     for (const auto& name : bad_segments) {
       for (const Read& r : by_segment[name]) {
@@ -736,10 +755,11 @@ struct SessionManager::Impl {
       int32_t tokens;
     };
     std::vector<Pending> pending;
+    const std::vector<std::optional<BlockLocation>> stored = store->locate_blocks(hashes);
     for (size_t i = 0; i < hashes.size(); ++i) {
       BlockRecord& b = rec(s.blocks[i]);
       if (b.durable_hash == hashes[i]) continue;
-      if (store->locate_block(hashes[i])) {  // another session wrote the same content
+      if (stored[i]) {  // another session wrote the same content
         b.durable_hash = hashes[i];
         continue;
       }
@@ -892,10 +912,13 @@ struct SessionManager::Impl {
     if (!store) return;
     std::vector<std::string> candidates = store->unreferenced_segments();
     if (candidates.empty()) return;
-    std::unordered_set<std::string> in_memory;
+    std::vector<uint64_t> held;
     for (const BlockRecord& b : blocks) {
-      if (b.refs == 0 || b.durable_hash == 0) continue;
-      if (auto where = store->locate_block(b.durable_hash)) in_memory.insert(where->segment);
+      if (b.refs > 0 && b.durable_hash != 0) held.push_back(b.durable_hash);
+    }
+    std::unordered_set<std::string> in_memory;
+    for (const auto& where : store->locate_blocks(held)) {
+      if (where) in_memory.insert(where->segment);
     }
     std::vector<std::string> doomed;
     for (auto& name : candidates) {
@@ -954,9 +977,10 @@ struct SessionManager::Impl {
         store->invalidate_kv(r.id);  // a different model: tokens stay, KV is recomputed
       } else {
         const std::vector<uint64_t> expected = kv_hashes(s, r.kv_tokens);
+        const std::vector<std::optional<BlockLocation>> located = store->locate_blocks(expected);
         size_t good = 0;
         while (good < r.block_hashes.size() && good < expected.size() && r.block_hashes[good] == expected[good] &&
-               store->locate_block(expected[good])) {
+               located[good]) {
           ++good;
         }
         for (size_t i = 0; i < good; ++i) {

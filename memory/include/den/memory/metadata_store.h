@@ -87,6 +87,8 @@ class MetadataStore {
   std::vector<SessionRecord> load_sessions() const;
   std::optional<SessionRecord> load_session(uint64_t session_id) const;
   std::optional<BlockLocation> locate_block(uint64_t content_hash) const;
+  // The same for many blocks in one read transaction (a wake, a checkpoint, a collection).
+  std::vector<std::optional<BlockLocation>> locate_blocks(std::span<const uint64_t> hashes) const;
   std::vector<SegmentRecord> segments() const;
 
   // Marks a segment quarantined and removes its block locations, in one transaction; returns
