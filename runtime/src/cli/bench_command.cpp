@@ -124,11 +124,13 @@ std::unique_ptr<memory::BlockPool> make_pool(const Setup& s, int block_tokens, i
                                                   s.gpu ? memory::Placement::device : memory::Placement::host, false);
   const kernels::PagedKvView view = pool->view();
   const int64_t elements = view.n_blocks * layout.block_elements();
+#ifdef DEN_HAVE_CUDA
   if (s.gpu) {
     kernels::fill_random_cuda(view.blocks, layout.dtype, elements, 11, 1.0f, nullptr);
-  } else {
-    kernels::fill_random_ref(view.blocks, layout.dtype, elements, 11, 1.0f);
+    return pool;
   }
+#endif
+  kernels::fill_random_ref(view.blocks, layout.dtype, elements, 11, 1.0f);
   return pool;
 }
 
