@@ -493,3 +493,58 @@ TEST_CASE("session: bad requests change nothing") {
   CHECK(op->error().find("state directory") != std::string::npos);
   CHECK(kv_is_exact(m, a));
 }
+
+TEST_CASE("session: export to one file and import elsewhere, KV and all") {
+  test::TempDir dir;
+  const auto file = dir.path() / "story.densession";
+  std::vector<float> image;
+  std::vector<int32_t> tokens;
+  {
+    SessionManager m(config(64, 16, dir.path() / "a"));
+    const auto id = m.create("story");
+    m.append(id, sequence(21, 37));
+    run(m, id);
+    m.hibernate(id, Tier::dram)->wait_or_throw();  // exported from wherever it is
+    image = kv_image(m, id);
+    tokens = m.tokens(id);
+    auto op = m.export_session(id, file);
+    op->wait_or_throw();
+    CHECK(op->total_bytes() > 10 * kLayout.block_bytes());
+  }
+  {
+    SessionManager m(config(64, 0, dir.path() / "b"));
+    const auto id = m.import_session(file, "copy");
+    CHECK(m.tokens(id) == tokens);
+    CHECK(m.info(id).kv_tokens == 37);
+    CHECK(kv_image(m, id) == image);
+    CHECK(run(m, id) == 0);
+    CHECK(m.stats().tokens_recomputed == 0);
+  }
+  // The imported history is durable in its new store.
+  {
+    SessionManager m(config(64, 0, dir.path() / "b"));
+    CHECK(m.tokens(*m.find("copy")) == tokens);
+  }
+  // Another model: the tokens come, the KV does not.
+  {
+    auto other = config(64);
+    other.model_fingerprint = 0xabc;
+    SessionManager m(other);
+    const auto id = m.import_session(file);
+    CHECK(m.tokens(id) == tokens);
+    CHECK(m.info(id).kv_tokens == 0);
+  }
+  // Damage anywhere is refused, and nothing is created.
+  const std::string good = test::read_file(file.string());
+  for (size_t at : {size_t{3}, size_t{60}, good.size() / 2, good.size() - 3}) {
+    std::string bad = good;
+    bad[at] ^= 0x40;
+    test::write_file(file.string(), bad);
+    SessionManager m(config(64));
+    CHECK_THROWS_AS(m.import_session(file), memory::SessionError);
+    CHECK(m.list().empty());
+  }
+  test::write_file(file.string(), good.substr(0, good.size() - 100));
+  SessionManager m(config(64));
+  CHECK_THROWS_WITH_AS(m.import_session(file), doctest::Contains("cut short"), memory::SessionError);
+}

@@ -194,6 +194,14 @@ class SessionManager {
   // evicting pinned or leased sessions.
   std::shared_ptr<Operation> prefetch(SessionId id);
 
+  // One file holding a session's tokens, KV and metadata, to move it to another store or
+  // machine: written to `path` + ".tmp", fsynced and renamed. The KV is woken first if needed.
+  std::shared_ptr<Operation> export_session(SessionId id, const std::filesystem::path& path);
+  // A new session from an exported file (checksums verified; ImportError names what is wrong).
+  // KV made for another model or layout is not loaded: the tokens come in and are recomputed.
+  // With a store, the new session's history is durable when this returns.
+  SessionId import_session(const std::filesystem::path& path, std::string_view name = {});
+
   // Makes the session's KV resident in the fast pool (waking it, reusing shared prefix blocks,
   // or — when the cost model says so — dropping stored KV to recompute it) and reserves room
   // for `total_tokens` tokens. nullopt when the fast pool cannot make room now (everything else
