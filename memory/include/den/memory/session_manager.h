@@ -159,7 +159,7 @@ class SessionManager {
   // Opens (or creates) the store under state_dir, removes temporary and unreferenced segment
   // files, and loads every session: tokens and checkpointed block tables, no KV resident yet.
   explicit SessionManager(MemoryConfig config);
-  ~SessionManager();  // finishes queued operations
+  ~SessionManager();  // finishes queued operations; every Lease must be gone before
   SessionManager(const SessionManager&) = delete;
   SessionManager& operator=(const SessionManager&) = delete;
 
