@@ -236,7 +236,7 @@ TEST_CASE("reading past the end of a file throws") {
   CHECK_NOTHROW(f.read_at(buf.data(), 100, 0));
 }
 
-TEST_CASE("rename_durably moves the file; its faults leave the source in place") {
+TEST_CASE("rename_durably moves the file - its faults leave the source in place") {
   test::TempDir dir;
   const auto from = dir.path() / "a.tmp";
   const auto to = dir.path() / "a";

@@ -179,7 +179,7 @@ TEST_CASE("session: fork shares blocks and copies a partial block before writing
   CHECK_THROWS_AS(m.fork(a, "b"), memory::SessionError);  // the name is taken
 }
 
-TEST_CASE("session: truncate keeps a prefix; front truncation recomputes") {
+TEST_CASE("session: truncate keeps a prefix - front truncation recomputes") {
   SessionManager m(config(32));
   const auto a = m.create();
   m.append(a, sequence(3, 14));
@@ -200,7 +200,7 @@ TEST_CASE("session: truncate keeps a prefix; front truncation recomputes") {
   CHECK_THROWS_AS(m.truncate(a, 100), memory::SessionError);
 }
 
-TEST_CASE("session: 1,000 sessions through a pool of a few blocks; pins hold") {
+TEST_CASE("session: 1,000 sessions through a pool of a few blocks - pins hold") {
   SessionManager m(config(12, 40));
   const auto pinned = m.create("pinned");
   m.append(pinned, sequence(7, 8));
@@ -401,7 +401,7 @@ TEST_CASE("session: a damaged segment is quarantined and its session recomputes,
   CHECK(kv_is_exact(m, a));
 }
 
-TEST_CASE("session: KV of another model is never loaded; its tokens are kept") {
+TEST_CASE("session: KV of another model is never loaded - its tokens are kept") {
   test::TempDir dir;
   {
     SessionManager m(config(64, 0, dir.path()));

@@ -175,7 +175,7 @@ TEST_CASE("transfer engine: bad requests are refused naming the op, the index an
   CHECK_THROWS_WITH_AS(memory::TransferEngine(fast, other), doctest::Contains("different layouts"), std::invalid_argument);
 }
 
-TEST_CASE("transfer engine: measure reports both directions; DEN_TRANSFER_PATH is parsed") {
+TEST_CASE("transfer engine: measure reports both directions - DEN_TRANSFER_PATH is parsed") {
   memory::BlockPool fast(kSmall, 4, memory::Placement::host, false);
   memory::BlockPool dram(kSmall, 4, memory::Placement::host, false);
   memory::TransferEngine engine(fast, dram);
