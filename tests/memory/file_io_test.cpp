@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "den/memory/file_io.h"
+#include "io_faults.h"
 #include "test_support.h"
 
 using namespace den;
@@ -18,25 +19,9 @@ using memory::File;
 using memory::IoError;
 using memory::IoFault;
 using memory::IoOp;
+using test::FailOp;
 
 namespace {
-
-// Fails the `nth` call (0-based) of one operation with `fault`; counts every call it sees.
-class FailOp : public memory::IoFaultInjector {
- public:
-  FailOp(IoOp op, IoFault fault, int nth = 0) : op_(op), fault_(fault), nth_(nth) {}
-  IoFault before(IoOp op, const std::filesystem::path&) override {
-    if (op != op_) return {};
-    return calls_++ == nth_ ? fault_ : IoFault{};
-  }
-  int calls() const { return calls_; }
-
- private:
-  IoOp op_;
-  IoFault fault_;
-  int nth_;
-  int calls_ = 0;
-};
 
 std::vector<unsigned char> random_bytes(std::mt19937& rng, size_t n) {
   std::vector<unsigned char> bytes(n);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "den/memory/segment_file.h"
+#include "io_faults.h"
 #include "test_support.h"
 
 using namespace den;
@@ -17,6 +18,7 @@ using memory::CorruptSegment;
 using memory::IoError;
 using memory::IoFault;
 using memory::IoOp;
+using test::FailOp;
 
 namespace {
 
@@ -79,23 +81,6 @@ std::string open_error(const std::filesystem::path& path, const memory::SegmentH
   }
   return {};
 }
-
-// Fails the `nth` call (0-based) of one operation with `fault`.
-class FailOp : public memory::IoFaultInjector {
- public:
-  FailOp(IoOp op, IoFault fault, int nth = 0) : op_(op), fault_(fault), nth_(nth) {}
-  IoFault before(IoOp op, const std::filesystem::path&) override {
-    if (op != op_) return {};
-    return calls_++ == nth_ ? fault_ : IoFault{};
-  }
-  int calls() const { return calls_; }
-
- private:
-  IoOp op_;
-  IoFault fault_;
-  int nth_;
-  int calls_ = 0;
-};
 
 }  // namespace
 

@@ -14,6 +14,7 @@
 #include "den/engine/backend.h"
 #include "den/engine/model.h"
 #include "den/memory/session_manager.h"
+#include "io_faults.h"
 #include "test_support.h"
 
 using namespace den;
@@ -121,25 +122,6 @@ uint64_t check_recovered(const std::filesystem::path& state, memory::SessionId i
   return info.generation;
 }
 
-class FailOnce : public memory::IoFaultInjector {
- public:
-  FailOnce(memory::IoOp op, memory::IoFault fault) : op_(op), fault_(fault) {}
-  memory::IoFault before(memory::IoOp op, const std::filesystem::path& path) override {
-    // Only the segment files of a checkpoint (reads of older segments are not targeted).
-    const bool segment_call = path.string().find(".seg") != std::string::npos || path.filename() == "kv";
-    if (!armed || op != op_ || fired_ || !segment_call) return {};
-    fired_ = true;
-    return fault_;
-  }
-  bool fired() const { return fired_; }
-  bool armed = false;  // set just before the checkpoint under test
-
- private:
-  memory::IoOp op_;
-  memory::IoFault fault_;
-  bool fired_ = false;
-};
-
 }  // namespace
 
 TEST_CASE("durability: a process killed at each step of the commit protocol loses nothing acknowledged") {
@@ -189,7 +171,11 @@ TEST_CASE("durability: EIO, ENOSPC and short writes fail the checkpoint and chan
     CAPTURE(k.name);
     test::TempDir dir;
     const auto id = make_generation_one(dir.path());
-    FailOnce faults(k.op, k.fault);
+    // Only the new segment's calls: its temp file, the file itself and the kv/ directory.
+    test::FailOp faults(k.op, k.fault, 0, [](const std::filesystem::path& path) {
+      return path.string().find(".seg") != std::string::npos || path.filename() == "kv";
+    });
+    faults.armed = false;  // armed just before the checkpoint under test
     {
       auto c = config(dir.path());
       c.faults = &faults;
