@@ -14,6 +14,7 @@
 #include "den/engine/backend.h"
 #include "den/engine/model.h"
 #include "den/memory/session_manager.h"
+#include "fake_kv.h"
 #include "io_faults.h"
 #include "test_support.h"
 
@@ -34,47 +35,11 @@ memory::MemoryConfig config(const std::filesystem::path& state) {
   return c;
 }
 
-float kv_value(int32_t token, int32_t position, int64_t element) {
-  return static_cast<float>(token) * 4096.0f + static_cast<float>(position) + static_cast<float>(element) * 1e-3f;
-}
-
-// Writes KV that encodes (token, position, element) for the tokens the lease lacks.
+// Leases the session and writes the KV it lacks.
 void compute(SessionManager& m, memory::SessionId id) {
-  const std::vector<int32_t> tokens = m.tokens(id);
-  auto lease = m.lease(id, static_cast<int32_t>(tokens.size()));
+  auto lease = m.lease(id, static_cast<int32_t>(m.tokens(id).size()));
   REQUIRE(lease.has_value());
-  const kernels::PagedKvView view = m.fast_view();
-  auto* base = static_cast<float*>(view.blocks);
-  for (int32_t p = lease->kv_tokens(); p < static_cast<int32_t>(tokens.size()); ++p) {
-    const int32_t block = lease->block_table()[static_cast<size_t>(p / kLayout.block_tokens)];
-    for (int32_t layer = 0; layer < kLayout.n_layers; ++layer) {
-      for (int kv = 0; kv < 2; ++kv) {
-        float* dst = base + view.offset(block, layer, kv, p % kLayout.block_tokens);
-        for (int64_t e = 0; e < kLayout.token_elements(); ++e) dst[e] = kv_value(tokens[static_cast<size_t>(p)], p, e + layer * 100 + kv * 50);
-      }
-    }
-  }
-  lease->computed(static_cast<int32_t>(tokens.size()));
-}
-
-bool kv_is_exact(SessionManager& m, memory::SessionId id) {
-  const std::vector<int32_t> tokens = m.tokens(id);
-  auto lease = m.lease(id, static_cast<int32_t>(tokens.size()));
-  REQUIRE(lease.has_value());
-  const kernels::PagedKvView view = m.fast_view();
-  const auto* base = static_cast<const float*>(view.blocks);
-  for (int32_t p = 0; p < lease->kv_tokens(); ++p) {
-    const int32_t block = lease->block_table()[static_cast<size_t>(p / kLayout.block_tokens)];
-    for (int32_t layer = 0; layer < kLayout.n_layers; ++layer) {
-      for (int kv = 0; kv < 2; ++kv) {
-        const float* src = base + view.offset(block, layer, kv, p % kLayout.block_tokens);
-        for (int64_t e = 0; e < kLayout.token_elements(); ++e) {
-          if (src[e] != kv_value(tokens[static_cast<size_t>(p)], p, e + layer * 100 + kv * 50)) return false;
-        }
-      }
-    }
-  }
-  return true;
+  test::fake_compute(m, *lease);
 }
 
 std::vector<int32_t> tokens_of(int32_t first, int n) {
@@ -114,7 +79,7 @@ uint64_t check_recovered(const std::filesystem::path& state, memory::SessionId i
   CHECK((info.generation == 1 || info.generation == 2));
   CHECK(info.tokens == (info.generation == 1 ? 18 : 27));
   CHECK(info.kv_tokens == info.tokens);
-  CHECK(kv_is_exact(m, id));
+  CHECK(test::fake_kv_is_exact(m, id));
   CHECK(m.stats().tokens_recomputed == 0);
   CHECK(m.stats().tokens_computed == 0);
   CHECK(m.stats().segments_quarantined == 0);
@@ -189,7 +154,7 @@ TEST_CASE("durability: EIO, ENOSPC and short writes fail the checkpoint and chan
       CHECK(op->state() == memory::Operation::State::failed);
       CHECK(!op->error().empty());
       CHECK(m.info(id).generation == 1);
-      CHECK(kv_is_exact(m, id));  // the memory copy stays authoritative
+      CHECK(test::fake_kv_is_exact(m, id));  // the memory copy stays authoritative
       // The next checkpoint writes a new file (the failed one is never retried) and succeeds.
       m.checkpoint(id)->wait_or_throw();
       CHECK(m.info(id).generation == 2);

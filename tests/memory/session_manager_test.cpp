@@ -2,13 +2,14 @@
 // copy-on-write, eviction under a pool of a few blocks with 1,000 sessions, pins, checkpoint /
 // hibernate / wake with bit-identical KV, incremental checkpoints (bytes counted), the cost
 // model, quarantine of a damaged segment, a changed model fingerprint and a quota.
-// A fake engine writes KV that encodes (token, position, layer, K/V, element), so any block in
-// the wrong place, stale or half-copied shows up as a wrong value.
+// The fake engine of fake_kv.h writes the KV, so any block in the wrong place, stale or
+// half-copied shows up as a wrong value.
 #include <cstring>
 #include <fstream>
 #include <map>
 
 #include "den/memory/session_manager.h"
+#include "fake_kv.h"
 #include "test_support.h"
 
 using namespace den;
@@ -18,11 +19,6 @@ using memory::Tier;
 namespace {
 
 const kernels::KvLayout kLayout{2, 2, 4, 4, kernels::DType::f32};  // 4 tokens per block, 512 bytes
-
-float kv_value(int32_t token, int32_t position, int32_t layer, int kv, int64_t element) {
-  return static_cast<float>(token) * 1000.0f + static_cast<float>(position) + static_cast<float>(layer) * 0.25f +
-         static_cast<float>(kv) * 0.125f + static_cast<float>(element) * 1e-3f;
-}
 
 memory::MemoryConfig config(int64_t fast_blocks, int64_t dram_blocks = 0, std::filesystem::path state = {}) {
   memory::MemoryConfig c;
@@ -36,81 +32,20 @@ memory::MemoryConfig config(int64_t fast_blocks, int64_t dram_blocks = 0, std::f
   return c;
 }
 
-// The fake engine: writes the KV of tokens [lease.kv_tokens(), history) and reports it.
-void compute(SessionManager& m, memory::Lease& lease) {
-  const std::vector<int32_t> tokens = m.tokens(lease.session());
-  const kernels::PagedKvView view = m.fast_view();
-  auto* base = static_cast<float*>(view.blocks);
-  for (auto p = static_cast<int32_t>(lease.kv_tokens()); p < static_cast<int32_t>(tokens.size()); ++p) {
-    const int32_t block = lease.block_table()[static_cast<size_t>(p / kLayout.block_tokens)];
-    for (int32_t layer = 0; layer < kLayout.n_layers; ++layer) {
-      for (int kv = 0; kv < 2; ++kv) {
-        float* dst = base + view.offset(block, layer, kv, p % kLayout.block_tokens);
-        for (int64_t e = 0; e < kLayout.token_elements(); ++e) dst[e] = kv_value(tokens[static_cast<size_t>(p)], p, layer, kv, e);
-      }
-    }
-  }
-  lease.computed(static_cast<int32_t>(tokens.size()));
-}
-
 // Leases the session, computes what is missing, and returns how many tokens had to be computed.
 int32_t run(SessionManager& m, memory::SessionId id) {
   const auto n = static_cast<int32_t>(m.tokens(id).size());
   auto lease = m.lease(id, n);
   REQUIRE(lease.has_value());
   const int32_t missing = n - lease->kv_tokens();
-  compute(m, *lease);
+  test::fake_compute(m, *lease);
   return missing;
-}
-
-// Every KV value of the session's first kv_tokens tokens is what the fake engine wrote.
-bool kv_is_exact(SessionManager& m, memory::SessionId id) {
-  const std::vector<int32_t> tokens = m.tokens(id);
-  auto lease = m.lease(id, static_cast<int32_t>(tokens.size()));
-  REQUIRE(lease.has_value());
-  const kernels::PagedKvView view = m.fast_view();
-  const auto* base = static_cast<const float*>(view.blocks);
-  for (int32_t p = 0; p < lease->kv_tokens(); ++p) {
-    const int32_t block = lease->block_table()[static_cast<size_t>(p / kLayout.block_tokens)];
-    for (int32_t layer = 0; layer < kLayout.n_layers; ++layer) {
-      for (int kv = 0; kv < 2; ++kv) {
-        const float* src = base + view.offset(block, layer, kv, p % kLayout.block_tokens);
-        for (int64_t e = 0; e < kLayout.token_elements(); ++e) {
-          if (src[e] != kv_value(tokens[static_cast<size_t>(p)], p, layer, kv, e)) {
-            MESSAGE("session " << id << " token " << p << " layer " << layer << " kv " << kv << ": " << src[e]);
-            return false;
-          }
-        }
-      }
-    }
-  }
-  return true;
 }
 
 std::vector<int32_t> sequence(int32_t first, int n) {
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) t[static_cast<size_t>(i)] = first + i * 7 % 251;
   return t;
-}
-
-// The raw KV bytes of the session's first kv tokens, in token order (a tier-independent image).
-std::vector<float> kv_image(SessionManager& m, memory::SessionId id) {
-  const auto n = static_cast<int32_t>(m.tokens(id).size());
-  auto lease = m.lease(id, n);
-  REQUIRE(lease.has_value());
-  const kernels::PagedKvView view = m.fast_view();
-  const auto* base = static_cast<const float*>(view.blocks);
-  std::vector<float> image;
-  for (int32_t p = 0; p < lease->kv_tokens(); ++p) {
-    const int32_t block = lease->block_table()[static_cast<size_t>(p / kLayout.block_tokens)];
-    for (int32_t layer = 0; layer < kLayout.n_layers; ++layer) {
-      for (int kv = 0; kv < 2; ++kv) {
-        const float* src = base + view.offset(block, layer, kv, p % kLayout.block_tokens);
-        image.insert(image.end(), src, src + kLayout.token_elements());
-      }
-    }
-  }
-  return image;
 }
 
 }  // namespace
@@ -125,7 +60,7 @@ TEST_CASE("session: append, compute through a lease, and the KV is where the lea
   CHECK(m.info(id).tier == Tier::fast);
   m.append(id, sequence(9, 3));
   CHECK(run(m, id) == 3);
-  CHECK(kv_is_exact(m, id));
+  CHECK(test::fake_kv_is_exact(m, id));
   CHECK(m.stats().fast_used == 4);  // 13 tokens in blocks of 4
   CHECK(m.stats().tokens_computed == 13);
   CHECK(m.stats().tokens_recomputed == 0);
@@ -150,12 +85,12 @@ TEST_CASE("session: two sessions with the same 1K-token prefix hold one copy of 
   CHECK(run(m, b) == 9);  // only its own tail is computed
   CHECK(m.stats().prefix_hit_tokens == 1024);
   CHECK(m.stats().fast_used == used_by_a + 3);  // 9 tokens: 3 blocks of its own
-  CHECK(kv_is_exact(m, a));
-  CHECK(kv_is_exact(m, b));
+  CHECK(test::fake_kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, b));
 
   // Dropping the first owner keeps the shared blocks alive for the second.
   m.drop(a);
-  CHECK(kv_is_exact(m, b));
+  CHECK(test::fake_kv_is_exact(m, b));
   CHECK(m.stats().fast_used == 256 + 3);
 }
 
@@ -172,8 +107,8 @@ TEST_CASE("session: fork shares blocks and copies a partial block before writing
   m.append(b, sequence(200, 5));
   CHECK(run(m, a) == 3);
   CHECK(run(m, b) == 5);
-  CHECK(kv_is_exact(m, a));
-  CHECK(kv_is_exact(m, b));
+  CHECK(test::fake_kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, b));
   // Two full shared blocks; a: its partial copy (the original) + 1; b: a copy + 1.
   CHECK(m.stats().fast_used == 2 + 2 + 2);
   CHECK_THROWS_AS(m.fork(a, "b"), memory::SessionError);  // the name is taken
@@ -189,14 +124,14 @@ TEST_CASE("session: truncate keeps a prefix - front truncation recomputes") {
   CHECK(m.tokens(a).size() == 6);
   m.append(a, sequence(50, 4));
   CHECK(run(m, a) == 4);
-  CHECK(kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, a));
   CHECK(m.stats().tokens_recomputed == 0);  // new tokens after a truncation are new work
 
   m.truncate_front(a, 2);
   CHECK(m.tokens(a).size() == 8);
   CHECK(m.info(a).kv_tokens == 0);
   CHECK(run(m, a) == 8);
-  CHECK(kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, a));
   CHECK_THROWS_AS(m.truncate(a, 100), memory::SessionError);
 }
 
@@ -226,11 +161,11 @@ TEST_CASE("session: 1,000 sessions through a pool of a few blocks - pins hold") 
   for (int k = 0; k < 200; ++k) {
     const auto id = ids[std::uniform_int_distribution<size_t>(0, ids.size() - 1)(rng)];
     run(m, id);
-    REQUIRE(kv_is_exact(m, id));
+    REQUIRE(test::fake_kv_is_exact(m, id));
   }
   CHECK(m.stats().tokens_loaded > 0);
   CHECK(m.stats().tokens_recomputed > 0);
-  CHECK(kv_is_exact(m, pinned));
+  CHECK(test::fake_kv_is_exact(m, pinned));
   CHECK(m.info(pinned).fast_blocks == 2);
   CHECK_THROWS_AS(m.hibernate(pinned, Tier::dram), memory::SessionError);
   m.unpin(pinned);
@@ -250,7 +185,7 @@ TEST_CASE("session: a lease that cannot find room fails cleanly") {
   CHECK(m.stats().fast_used == 3);
   m.unpin(a);
   CHECK(run(m, b) == 8);
-  CHECK(kv_is_exact(m, b));
+  CHECK(test::fake_kv_is_exact(m, b));
 }
 
 TEST_CASE("session: hibernate to DRAM and SSD, wake, with bit-identical KV") {
@@ -259,14 +194,14 @@ TEST_CASE("session: hibernate to DRAM and SSD, wake, with bit-identical KV") {
   const auto a = m.create("a");
   m.append(a, sequence(11, 23));
   run(m, a);
-  const std::vector<float> before = kv_image(m, a);
+  const std::vector<float> before = test::kv_image(m, a);
 
   m.hibernate(a, Tier::dram)->wait_or_throw();
   CHECK(m.info(a).tier == Tier::dram);
   CHECK(m.info(a).fast_blocks == 0);
   m.wake(a)->wait_or_throw();
   CHECK(m.info(a).tier == Tier::fast);
-  CHECK(kv_image(m, a) == before);
+  CHECK(test::kv_image(m, a) == before);
 
   auto op = m.hibernate(a, Tier::ssd);
   op->wait_or_throw();
@@ -276,7 +211,7 @@ TEST_CASE("session: hibernate to DRAM and SSD, wake, with bit-identical KV") {
   CHECK(m.info(a).dram_blocks == 0);
   CHECK(m.info(a).checkpoint_current);
   m.wake(a)->wait_or_throw();
-  CHECK(kv_image(m, a) == before);
+  CHECK(test::kv_image(m, a) == before);
   CHECK(m.stats().bytes_ssd_read == 6 * kLayout.block_bytes());
   CHECK(m.stats().tokens_recomputed == 0);
 }
@@ -293,7 +228,7 @@ TEST_CASE("session: a checkpointed store reopens with the same KV and nothing re
     b = m.fork(a, "b");
     m.append(b, sequence(99, 3));
     run(m, b);
-    before = kv_image(m, a);
+    before = test::kv_image(m, a);
     m.checkpoint(a)->wait_or_throw();
     m.checkpoint(b)->wait_or_throw();
     m.pin(b);
@@ -304,8 +239,8 @@ TEST_CASE("session: a checkpointed store reopens with the same KV and nothing re
   CHECK(m.info(a).tier == Tier::ssd);
   CHECK(m.info(a).generation == 1);
   CHECK(m.info(b).pinned);
-  CHECK(kv_image(m, a) == before);
-  CHECK(kv_is_exact(m, b));
+  CHECK(test::kv_image(m, a) == before);
+  CHECK(test::fake_kv_is_exact(m, b));
   CHECK(m.stats().tokens_recomputed == 0);
   CHECK(m.stats().tokens_computed == 0);
   // The shared 40-token prefix came back as one copy.
@@ -359,7 +294,7 @@ TEST_CASE("session: the cost model recomputes when that is faster than loading")
   CHECK(run(m, a) == 30);
   CHECK(m.stats().tokens_recomputed == 30);
   CHECK(m.stats().bytes_ssd_read == 0);
-  CHECK(kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, a));
 
   // And loads when the disk is the faster way.
   const memory::RestorePlan slow = memory::plan_restore({1e9, 1e9, 10.0, 0, false}, Tier::ssd, 30, 128);
@@ -392,13 +327,13 @@ TEST_CASE("session: a damaged segment is quarantined and its session recomputes,
   SessionManager m(config(64, 0, dir.path()));
   CHECK(m.tokens(a).size() == 20);
   CHECK(run(m, a) == 20);  // every block came from the bad segment
-  CHECK(kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, a));
   CHECK(m.stats().segments_quarantined == 1);
   CHECK(m.stats().tokens_recomputed == 20);
   m.hibernate(a, Tier::ssd)->wait_or_throw();
   run(m, a);
   CHECK(m.stats().segments_quarantined == 1);
-  CHECK(kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, a));
 }
 
 TEST_CASE("session: KV of another model is never loaded - its tokens are kept") {
@@ -427,7 +362,7 @@ TEST_CASE("session: KV of another model is never loaded - its tokens are kept") 
   const auto a = *m.find("a");
   CHECK(m.info(a).kv_tokens == 20);
   CHECK(run(m, a) == 0);
-  CHECK(kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, a));
 }
 
 TEST_CASE("session: the SSD quota takes stored KV from the least valuable hibernated session") {
@@ -461,7 +396,7 @@ TEST_CASE("session: the SSD quota takes stored KV from the least valuable hibern
   CHECK(m.info(ids[3]).tier == Tier::ssd);
   for (auto id : ids) {
     run(m, id);
-    CHECK(kv_is_exact(m, id));
+    CHECK(test::fake_kv_is_exact(m, id));
   }
 }
 
@@ -491,7 +426,7 @@ TEST_CASE("session: bad requests change nothing") {
   op->wait();
   CHECK(op->state() == memory::Operation::State::failed);
   CHECK(op->error().find("state directory") != std::string::npos);
-  CHECK(kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, a));
 }
 
 TEST_CASE("session: export to one file and import elsewhere, KV and all") {
@@ -505,7 +440,7 @@ TEST_CASE("session: export to one file and import elsewhere, KV and all") {
     m.append(id, sequence(21, 37));
     run(m, id);
     m.hibernate(id, Tier::dram)->wait_or_throw();  // exported from wherever it is
-    image = kv_image(m, id);
+    image = test::kv_image(m, id);
     tokens = m.tokens(id);
     auto op = m.export_session(id, file);
     op->wait_or_throw();
@@ -516,7 +451,7 @@ TEST_CASE("session: export to one file and import elsewhere, KV and all") {
     const auto id = m.import_session(file, "copy");
     CHECK(m.tokens(id) == tokens);
     CHECK(m.info(id).kv_tokens == 37);
-    CHECK(kv_image(m, id) == image);
+    CHECK(test::kv_image(m, id) == image);
     CHECK(run(m, id) == 0);
     CHECK(m.stats().tokens_recomputed == 0);
   }
