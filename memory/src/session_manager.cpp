@@ -205,22 +205,6 @@ std::vector<int32_t> SessionManager::tokens(SessionId id) const {
 }
 
 namespace {
-SessionInfo describe(SessionManager::Impl& impl, const SessionRecordMem& s);
-}
-
-SessionInfo SessionManager::info(SessionId id) const {
-  std::lock_guard lock(impl_->mutex);
-  return describe(*impl_, impl_->session(id));
-}
-
-std::vector<SessionInfo> SessionManager::list() const {
-  std::lock_guard lock(impl_->mutex);
-  std::vector<SessionInfo> out;
-  for (const auto& [id, s] : impl_->sessions) out.push_back(describe(*impl_, s));
-  return out;
-}
-
-namespace {
 SessionInfo describe(SessionManager::Impl& impl, const SessionRecordMem& s) {
   SessionInfo info;
   info.id = s.id;
@@ -250,6 +234,19 @@ SessionInfo describe(SessionManager::Impl& impl, const SessionRecordMem& s) {
   return info;
 }
 }  // namespace
+
+SessionInfo SessionManager::info(SessionId id) const {
+  std::lock_guard lock(impl_->mutex);
+  return describe(*impl_, impl_->session(id));
+}
+
+std::vector<SessionInfo> SessionManager::list() const {
+  std::lock_guard lock(impl_->mutex);
+  std::vector<SessionInfo> out;
+  for (const auto& [id, s] : impl_->sessions) out.push_back(describe(*impl_, s));
+  return out;
+}
+
 
 MemoryStats SessionManager::stats() const {
   std::lock_guard lock(impl_->mutex);
@@ -426,7 +423,7 @@ RestorePlan SessionManager::restore_plan(SessionId id) const {
       break;
     }
   }
-  return plan_restore(config_.costs, info.tier == Tier::fast ? Tier::fast : info.tier, tokens, kv_bytes_per_token());
+  return plan_restore(config_.costs, info.tier, tokens, kv_bytes_per_token());
 }
 
 void SessionManager::set_prefill_rate(double tokens_per_s) {

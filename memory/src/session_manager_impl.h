@@ -256,8 +256,7 @@ struct SessionManager::Impl {
   }
 
   // -- eviction ------------------------------------------------------------------------------
-  double restore_seconds_per_block(const SessionRecordMem& s) const {
-    (void)s;
+  double restore_seconds_per_block() const {
     const auto& c = config.costs;
     const double dram_s = static_cast<double>(block_bytes) / c.dram_to_fast_bytes_per_s;
     const double compute_s = block_tokens / c.prefill_tokens_per_s;
@@ -266,7 +265,7 @@ struct SessionManager::Impl {
   // Low scores go first: cheap to bring back per block freed, and not used for long.
   double eviction_score(const SessionRecordMem& s) const {
     const double age = static_cast<double>(tick - s.last_use) + 1.0;
-    return restore_seconds_per_block(s) / age;
+    return restore_seconds_per_block() / age;
   }
 
   bool fast_evictable(const BlockRecord& b) const {

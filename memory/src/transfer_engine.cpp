@@ -482,38 +482,23 @@ TransferEngine::TransferEngine(BlockPool& fast, BlockPool& dram, TransferPath pa
 TransferEngine::~TransferEngine() = default;
 
 Transfer TransferEngine::dram_to_fast(std::span<const int32_t> dram_blocks, std::span<const int32_t> fast_blocks) {
-  check_sizes("dram_to_fast", dram_blocks.size(), fast_blocks.size());
-  check_ids("dram_to_fast", "dram_blocks", dram_blocks, dram_, "DRAM");
-  check_ids("dram_to_fast", "fast_blocks", fast_blocks, fast_, "fast");
-  const auto n = static_cast<int32_t>(dram_blocks.size());
-  if (!impl_) {
-    kernels::kv_copy_blocks_ref(storage(dram_), storage(fast_), dram_blocks.data(), fast_blocks.data(), n,
-                                fast_.layout().block_bytes());
-    Transfer t;
-    t.bytes_ = n * fast_.layout().block_bytes();
-    return t;
-  }
-#ifdef DEN_HAVE_CUDA
-  if (n == 0) return {};
-  switch (path_) {
-    case TransferPath::memcpy_batch: impl_->batch_copy(impl_->dram_host, impl_->fast_blocks, dram_blocks, fast_blocks); break;
-    case TransferPath::staged: impl_->staged_in(dram_blocks, fast_blocks); break;
-    case TransferPath::automatic:
-    case TransferPath::kernel: impl_->kernel_copy(impl_->dram_device, impl_->fast_blocks, dram_blocks, fast_blocks); break;
-  }
-  return impl_->finish(n);
-#else
-  return {};
-#endif
+  return between_pools(true, dram_blocks, fast_blocks);
 }
 
 Transfer TransferEngine::fast_to_dram(std::span<const int32_t> fast_blocks, std::span<const int32_t> dram_blocks) {
-  check_sizes("fast_to_dram", fast_blocks.size(), dram_blocks.size());
-  check_ids("fast_to_dram", "fast_blocks", fast_blocks, fast_, "fast");
-  check_ids("fast_to_dram", "dram_blocks", dram_blocks, dram_, "DRAM");
-  const auto n = static_cast<int32_t>(fast_blocks.size());
+  return between_pools(false, fast_blocks, dram_blocks);
+}
+
+Transfer TransferEngine::between_pools(bool to_fast, std::span<const int32_t> from, std::span<const int32_t> to) {
+  const char* op = to_fast ? "dram_to_fast" : "fast_to_dram";
+  BlockPool& source = to_fast ? dram_ : fast_;
+  BlockPool& target = to_fast ? fast_ : dram_;
+  check_sizes(op, from.size(), to.size());
+  check_ids(op, to_fast ? "dram_blocks" : "fast_blocks", from, source, to_fast ? "DRAM" : "fast");
+  check_ids(op, to_fast ? "fast_blocks" : "dram_blocks", to, target, to_fast ? "fast" : "DRAM");
+  const auto n = static_cast<int32_t>(from.size());
   if (!impl_) {
-    kernels::kv_copy_blocks_ref(storage(fast_), storage(dram_), fast_blocks.data(), dram_blocks.data(), n,
+    kernels::kv_copy_blocks_ref(storage(source), storage(target), from.data(), to.data(), n,
                                 fast_.layout().block_bytes());
     Transfer t;
     t.bytes_ = n * fast_.layout().block_bytes();
@@ -521,11 +506,22 @@ Transfer TransferEngine::fast_to_dram(std::span<const int32_t> fast_blocks, std:
   }
 #ifdef DEN_HAVE_CUDA
   if (n == 0) return {};
+  // The DRAM pool is seen through its host address by the copy engines, its device alias by kernels.
+  char* dram_for_copies = impl_->dram_host;
+  char* dram_for_kernels = impl_->dram_device;
   switch (path_) {
-    case TransferPath::memcpy_batch: impl_->batch_copy(impl_->fast_blocks, impl_->dram_host, fast_blocks, dram_blocks); break;
-    case TransferPath::staged: impl_->staged_out(fast_blocks, dram_blocks); break;
+    case TransferPath::memcpy_batch:
+      to_fast ? impl_->batch_copy(dram_for_copies, impl_->fast_blocks, from, to)
+              : impl_->batch_copy(impl_->fast_blocks, dram_for_copies, from, to);
+      break;
+    case TransferPath::staged:
+      to_fast ? impl_->staged_in(from, to) : impl_->staged_out(from, to);
+      break;
     case TransferPath::automatic:
-    case TransferPath::kernel: impl_->kernel_copy(impl_->fast_blocks, impl_->dram_device, fast_blocks, dram_blocks); break;
+    case TransferPath::kernel:
+      to_fast ? impl_->kernel_copy(dram_for_kernels, impl_->fast_blocks, from, to)
+              : impl_->kernel_copy(impl_->fast_blocks, dram_for_kernels, from, to);
+      break;
   }
   return impl_->finish(n);
 #else

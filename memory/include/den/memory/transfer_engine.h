@@ -101,6 +101,8 @@ class TransferEngine {
   TransferPath path() const { return path_; }
 
  private:
+  // dram_to_fast (to_fast) and fast_to_dram: the same copy in two directions.
+  Transfer between_pools(bool to_fast, std::span<const int32_t> from, std::span<const int32_t> to);
   struct Impl;
   BlockPool& fast_;
   BlockPool& dram_;
