@@ -161,6 +161,7 @@ struct SessionManager::Impl {
     return h;
   }
   BlockRecord& rec(int32_t h) { return blocks[static_cast<size_t>(h)]; }
+  const BlockRecord& rec(int32_t h) const { return blocks[static_cast<size_t>(h)]; }
 
   void unref(int32_t h) {
     BlockRecord& b = rec(h);
@@ -256,16 +257,29 @@ struct SessionManager::Impl {
   }
 
   // -- eviction ------------------------------------------------------------------------------
-  double restore_seconds_per_block() const {
+  // Seconds to bring back one of s's fast blocks if it were evicted now: a DRAM copy (kept, or
+  // made while DRAM has room), else an SSD read where a durable copy exists, else a recompute,
+  // each at the cost model's current rates.
+  double restore_seconds_per_block(const SessionRecordMem& s) const {
     const auto& c = config.costs;
-    const double dram_s = static_cast<double>(block_bytes) / c.dram_to_fast_bytes_per_s;
-    const double compute_s = block_tokens / c.prefill_tokens_per_s;
-    return dram.free_blocks() > 0 && dram_capacity > 0 ? dram_s : std::min(compute_s, 4 * dram_s);
+    const double from_dram = static_cast<double>(block_bytes) / c.dram_to_fast_bytes_per_s;
+    const double recompute = block_tokens / c.prefill_tokens_per_s;
+    const double from_ssd = std::min(recompute, static_cast<double>(block_bytes) / c.ssd_read_bytes_per_s);
+    const bool dram_room = dram_capacity > 0 && dram.free_blocks() > 0;
+    double total = 0;
+    int64_t counted = 0;
+    for (int32_t h : s.blocks) {
+      const BlockRecord& b = rec(h);
+      if (b.fast == kNoSlot) continue;
+      ++counted;
+      total += b.dram != kNoSlot || dram_room ? from_dram : durable(b) ? from_ssd : recompute;
+    }
+    return counted == 0 ? 0.0 : total / static_cast<double>(counted);
   }
   // Low scores go first: cheap to bring back per block freed, and not used for long.
   double eviction_score(const SessionRecordMem& s) const {
     const double age = static_cast<double>(tick - s.last_use) + 1.0;
-    return restore_seconds_per_block() / age;
+    return restore_seconds_per_block(s) / age;
   }
 
   bool fast_evictable(const BlockRecord& b) const {

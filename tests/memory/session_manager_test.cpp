@@ -483,3 +483,26 @@ TEST_CASE("session: export to one file and import elsewhere, KV and all") {
   SessionManager m(config(64));
   CHECK_THROWS_WITH_AS(m.import_session(file), doctest::Contains("cut short"), memory::SessionError);
 }
+
+TEST_CASE("session: eviction gives up the session that is cheapest to bring back, not just the oldest") {
+  test::TempDir dir;
+  auto c = config(7, 0, dir.path());  // 3 + 3 blocks taken, the newcomer needs 2
+  c.costs.prefill_tokens_per_s = 10;     // recomputing is very slow
+  c.costs.ssd_read_bytes_per_s = 1e10;   // reading a stored block is quick
+  SessionManager m(c);
+  const auto older = m.create();
+  m.append(older, sequence(1, 12));
+  run(m, older);
+  const auto stored = m.create();
+  m.append(stored, sequence(50, 12));
+  run(m, stored);
+  m.checkpoint(stored)->wait_or_throw();
+
+  const auto newcomer = m.create();
+  m.append(newcomer, sequence(90, 8));
+  run(m, newcomer);  // someone must go
+  CHECK(m.info(older).tier == Tier::fast);  // older, but only a recompute would bring it back
+  CHECK(m.info(stored).tier == Tier::ssd);
+  CHECK(m.stats().kv_tokens_dropped == 0);
+  CHECK(test::fake_kv_is_exact(m, stored));
+}
