@@ -49,7 +49,9 @@ class CpuBackend final : public Backend {
   kernels::DType kv_dtype() const override { return kernels::DType::f32; }
   bool kv_on_device() const override { return false; }
 
-  void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out) override {
+  using Backend::forward;
+  void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out,
+               KvArrival* arrival) override {
     validate_batch(batch, kv, model_, kernels::DType::f32, "cpu backend");
     const ModelConfig& c = model_.config();
     const int64_t n_embd = c.n_embd;
@@ -87,6 +89,7 @@ class CpuBackend final : public Backend {
     });
 
     for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+      if (arrival != nullptr) arrival->before_layer(layer, nullptr);
       const LayerWeights& w = model_.layers()[static_cast<size_t>(layer)];
       norm_rows(w.attn_norm, n_tokens);
       matmul_group({{&w.attn_q, q_.data()}, {&w.attn_k, k_.data()}, {&w.attn_v, v_.data()}}, n_tokens);

@@ -15,9 +15,11 @@ constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 constexpr int64_t kTileVectors = int64_t{kThreads} * kUnroll;  // 16 KiB per tile
 
+// Copies vectors [offset, offset + count) of each block; blocks are `stride` vectors apart.
 __global__ void kv_copy_blocks_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst,
                                       const int32_t* __restrict__ src_ids, const int32_t* __restrict__ dst_ids,
-                                      int32_t n, int64_t vectors_per_block, int64_t tiles_per_block) {
+                                      int32_t n, int64_t stride, int64_t offset, int64_t vectors_per_block,
+                                      int64_t tiles_per_block) {
   const int64_t tiles = n * tiles_per_block;
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     // Uniform across the CTA: one division per tile, not per element.
@@ -25,8 +27,8 @@ __global__ void kv_copy_blocks_kernel(const uint4* __restrict__ src, uint4* __re
     const int64_t first = (t - b * tiles_per_block) * kTileVectors + threadIdx.x;
     const int64_t from = src_ids != nullptr ? src_ids[b] : b;
     const int64_t to = dst_ids != nullptr ? dst_ids[b] : b;
-    const uint4* s = src + from * vectors_per_block;
-    uint4* d = dst + to * vectors_per_block;
+    const uint4* s = src + from * stride + offset;
+    uint4* d = dst + to * stride + offset;
     uint4 r[kUnroll];
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) {
@@ -59,16 +61,28 @@ int64_t max_ctas() {
 
 }  // namespace
 
-void kv_copy_blocks_cuda(const void* src, void* dst, const int32_t* src_ids, const int32_t* dst_ids, int32_t n,
-                         int64_t block_bytes, CudaStream stream) {
-  if (n == 0) return;
-  if (block_bytes % 16 != 0) throw std::invalid_argument("kv_copy_blocks_cuda: block size must be a multiple of 16 bytes");
-  const int64_t vectors = block_bytes / 16;
+void kv_copy_block_slices_cuda(const void* src, void* dst, const int32_t* src_ids, const int32_t* dst_ids, int32_t n,
+                               int64_t block_bytes, int64_t slice_offset, int64_t slice_bytes, CudaStream stream) {
+  if (n == 0 || slice_bytes == 0) return;
+  if (block_bytes % 16 != 0 || slice_offset % 16 != 0 || slice_bytes % 16 != 0) {
+    throw std::invalid_argument("kv_copy_block_slices_cuda: block size, slice offset and size must be multiples of 16 bytes");
+  }
+  if (slice_offset < 0 || slice_bytes < 0 || slice_offset + slice_bytes > block_bytes) {
+    throw std::invalid_argument("kv_copy_block_slices_cuda: the slice is not inside the block");
+  }
+  const int64_t vectors = slice_bytes / 16;
   const int64_t tiles_per_block = (vectors + kTileVectors - 1) / kTileVectors;
   const auto ctas = static_cast<unsigned>(std::min<int64_t>(n * tiles_per_block, max_ctas()));
   kv_copy_blocks_kernel<<<ctas, kThreads, 0, stream>>>(static_cast<const uint4*>(src), static_cast<uint4*>(dst), src_ids,
-                                                       dst_ids, n, vectors, tiles_per_block);
+                                                       dst_ids, n, block_bytes / 16, slice_offset / 16, vectors,
+                                                       tiles_per_block);
   check_launch();
+}
+
+void kv_copy_blocks_cuda(const void* src, void* dst, const int32_t* src_ids, const int32_t* dst_ids, int32_t n,
+                         int64_t block_bytes, CudaStream stream) {
+  if (block_bytes % 16 != 0) throw std::invalid_argument("kv_copy_blocks_cuda: block size must be a multiple of 16 bytes");
+  kv_copy_block_slices_cuda(src, dst, src_ids, dst_ids, n, block_bytes, 0, block_bytes, stream);
 }
 
 }  // namespace den::kernels

@@ -381,8 +381,11 @@ std::shared_ptr<Operation> SessionManager::prefetch(SessionId id) {
   return wake(id);
 }
 
-std::optional<Lease> SessionManager::lease(SessionId id, int32_t total_tokens) {
+std::optional<Lease> SessionManager::lease(SessionId id, int32_t total_tokens, bool layerwise) {
   auto& impl = *impl_;
+  // Declared before the lock: if anything below throws, the lock goes first and the lease's
+  // release (which takes it) then undoes what was done.
+  Lease lease(nullptr, id);
   std::unique_lock lock(impl.mutex);
   impl.wait_not_busy(lock, id);
   auto& s = impl.session(id);
@@ -392,19 +395,15 @@ std::optional<Lease> SessionManager::lease(SessionId id, int32_t total_tokens) {
   }
   s.last_use = ++impl.tick;
   impl.set_leased(s, +1);
-  auto undo = [&] {
-    auto& again = impl.session(id);
-    impl.set_leased(again, -1);
-    const auto covering = static_cast<size_t>(blocks_for(again.kv_tokens, impl.block_tokens));
-    if (again.leases == 0 && again.blocks.size() > covering) impl.detach_from(again, covering);
-    impl.changed.notify_all();
-  };
-  if (!impl.make_resident_locked(lock, impl.session(id)) || !impl.copy_on_write_locked(impl.session(id)) ||
-      !impl.reserve_locked(impl.session(id), total_tokens)) {
-    undo();
+  lease.manager_ = this;  // from here on the lease owns the count
+  const bool ready = impl.make_resident_locked(lock, impl.session(id), layerwise ? &lease.arriving_ : nullptr,
+                                               layerwise ? &lease.arriving_records_ : nullptr) &&
+                     impl.copy_on_write_locked(impl.session(id)) && impl.reserve_locked(impl.session(id), total_tokens);
+  if (!ready) {
+    lock.unlock();
+    lease.release();  // settles what was arriving and gives the blocks back
     return std::nullopt;
   }
-  Lease lease(this, id);
   auto& after = impl.session(id);
   lease.kv_tokens_ = after.kv_tokens;
   for (int32_t h : after.blocks) lease.table_.push_back(impl.rec(h).fast);
@@ -452,7 +451,9 @@ Lease::Lease(Lease&& other) noexcept
     : manager_(std::exchange(other.manager_, nullptr)),
       session_(other.session_),
       table_(std::move(other.table_)),
-      kv_tokens_(other.kv_tokens_) {}
+      kv_tokens_(other.kv_tokens_),
+      arriving_(std::move(other.arriving_)),
+      arriving_records_(std::exchange(other.arriving_records_, {})) {}
 
 Lease& Lease::operator=(Lease&& other) noexcept {
   if (this != &other) {
@@ -461,14 +462,39 @@ Lease& Lease::operator=(Lease&& other) noexcept {
     session_ = other.session_;
     table_ = std::move(other.table_);
     kv_tokens_ = other.kv_tokens_;
+    arriving_ = std::move(other.arriving_);
+    arriving_records_ = std::exchange(other.arriving_records_, {});
   }
   return *this;
+}
+
+void Lease::settle() {
+  if (arriving_records_.empty()) return;
+  std::exception_ptr fault;
+  try {
+    arriving_.wait();
+  } catch (...) {
+    fault = std::current_exception();  // a CUDA fault: the blocks are not trustworthy, but unblock readers
+  }
+  auto& impl = *manager_->impl_;
+  {
+    std::lock_guard lock(impl.mutex);
+    for (int32_t h : arriving_records_) impl.rec(h).in_flight = false;
+    arriving_records_.clear();
+  }
+  impl.changed.notify_all();
+  if (fault) std::rethrow_exception(fault);
 }
 
 Lease::~Lease() { release(); }
 
 void Lease::release() noexcept {
   if (manager_ == nullptr) return;
+  try {
+    settle();
+  } catch (...) {
+    // A sticky CUDA fault; the process is going down and the next call will say so.
+  }
   auto& impl = *manager_->impl_;
   std::lock_guard lock(impl.mutex);
   auto it = impl.sessions.find(session_);
@@ -494,6 +520,7 @@ bool Lease::reserve(int32_t total_tokens) {
 }
 
 void Lease::computed(int32_t total_tokens) {
+  settle();  // the written blocks' DRAM copies are released below; nothing may still read them
   auto& impl = *manager_->impl_;
   std::lock_guard lock(impl.mutex);
   auto& s = impl.session(session_);

@@ -398,11 +398,20 @@ struct SessionManager::Impl {
   // Makes every block covering s's KV resident in the fast pool. The caller has leased s (its
   // resident blocks cannot be evicted meanwhile). May release the lock while reading segments.
   // False when the fast pool cannot make room.
-  bool make_resident_locked(std::unique_lock<std::mutex>& lock, SessionRecordMem& s) {
+  //
+  // With `arriving` (a layer-wise wake), DRAM copies are issued layer by layer and not waited
+  // for: their records stay in_flight (listed in `arriving_records`) until the caller has
+  // waited on `arriving` and cleared them; every other reader waits for them meanwhile.
+  bool make_resident_locked(std::unique_lock<std::mutex>& lock, SessionRecordMem& s,
+                            LayeredTransfer* arriving = nullptr, std::vector<int32_t>* arriving_records = nullptr) {
     prefix_extend(s);  // once: after a cost-model drop the index must not hand the blocks back
+    auto ours = [&](int32_t h) {
+      return arriving_records != nullptr &&
+             std::find(arriving_records->begin(), arriving_records->end(), h) != arriving_records->end();
+    };
     for (;;) {
       changed.wait(lock, [&] {
-        for (int32_t h : s.blocks) if (rec(h).in_flight) return false;
+        for (int32_t h : s.blocks) if (rec(h).in_flight && !ours(h)) return false;
         return true;
       });
       const auto covering = static_cast<size_t>(blocks_for(s.kv_tokens, block_tokens));
@@ -453,7 +462,19 @@ struct SessionManager::Impl {
           from_disk.emplace_back(missing[k], slots[k]);
         }
       }
-      if (!dram_src.empty()) {
+      if (!dram_src.empty() && arriving != nullptr && arriving_records->empty()) {
+        std::lock_guard transfer_lock(transfer_mutex);
+        *arriving = transfers.dram_to_fast_by_layer(dram_src, dram_dst);
+        for (size_t k = 0; k < missing.size(); ++k) {
+          const int32_t h = s.blocks[missing[k]];
+          if (rec(h).fast != kNoSlot && rec(h).dram != kNoSlot) {
+            rec(h).in_flight = true;
+            arriving_records->push_back(h);
+          }
+        }
+        counters.bytes_dram_to_fast += static_cast<int64_t>(dram_src.size()) * block_bytes;
+        counters.tokens_loaded += dram_tokens;
+      } else if (!dram_src.empty()) {
         std::lock_guard transfer_lock(transfer_mutex);
         const auto started = std::chrono::steady_clock::now();
         transfers.dram_to_fast(dram_src, dram_dst).wait();

@@ -100,6 +100,57 @@ bool Transfer::ready() const {
 }
 
 // ---------------------------------------------------------------------------------------------
+// LayeredTransfer
+
+struct LayeredTransfer::Events {
+#ifdef DEN_HAVE_CUDA
+  std::vector<kernels::Event> per_layer;
+#endif
+};
+
+LayeredTransfer::~LayeredTransfer() {
+  try {
+    wait();
+  } catch (...) {
+  }
+}
+
+LayeredTransfer& LayeredTransfer::operator=(LayeredTransfer&& other) noexcept {
+  if (this != &other) {
+    try {
+      wait();
+    } catch (...) {
+    }
+    events_ = std::move(other.events_);
+    all_ = std::move(other.all_);
+  }
+  return *this;
+}
+
+void LayeredTransfer::before_layer(int32_t layer, void* stream) {
+  if (!events_) return;
+#ifdef DEN_HAVE_CUDA
+  if (layer < 0 || static_cast<size_t>(layer) >= events_->per_layer.size()) {
+    throw std::out_of_range("LayeredTransfer: no layer " + std::to_string(layer));
+  }
+  kernels::Event& ready = events_->per_layer[static_cast<size_t>(layer)];
+  if (stream != nullptr) {
+    kernels::check(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), ready.get(), 0));
+  } else {
+    ready.synchronize();
+  }
+#else
+  (void)layer;
+  (void)stream;
+#endif
+}
+
+void LayeredTransfer::wait() {
+  all_.wait();
+  events_.reset();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Paths
 
 TransferPath transfer_path_from_env() {
@@ -527,6 +578,38 @@ Transfer TransferEngine::between_pools(bool to_fast, std::span<const int32_t> fr
 #else
   return {};
 #endif
+}
+
+LayeredTransfer TransferEngine::dram_to_fast_by_layer(std::span<const int32_t> dram_blocks,
+                                                      std::span<const int32_t> fast_blocks) {
+  LayeredTransfer layered;
+#ifdef DEN_HAVE_CUDA
+  if (impl_ && !dram_blocks.empty() && dram_blocks.size() <= static_cast<size_t>(kIdsPerSlot) &&
+      fast_.layout().layer_slice_bytes() % 16 == 0) {
+    check_sizes("dram_to_fast_by_layer", dram_blocks.size(), fast_blocks.size());
+    check_ids("dram_to_fast_by_layer", "dram_blocks", dram_blocks, dram_, "DRAM");
+    check_ids("dram_to_fast_by_layer", "fast_blocks", fast_blocks, fast_, "fast");
+    const kernels::KvLayout& layout = fast_.layout();
+    const auto n = static_cast<int32_t>(dram_blocks.size());
+    // One id upload for every layer: a slot per layer would make the host wait on early layers.
+    const DeviceIds ids = impl_->upload_ids(dram_blocks, fast_blocks, impl_->copy.get());
+    layered.events_ = std::make_shared<LayeredTransfer::Events>();
+    layered.events_->per_layer.reserve(static_cast<size_t>(layout.n_layers));
+    for (int32_t layer = 0; layer < layout.n_layers; ++layer) {
+      kernels::kv_copy_block_slices_cuda(impl_->dram_device, impl_->fast_blocks, ids.a, ids.b, n, layout.block_bytes(),
+                                         layer * layout.layer_slice_bytes(), layout.layer_slice_bytes(),
+                                         impl_->copy.get());
+      layered.events_->per_layer.emplace_back(cudaEventDisableTiming);
+      layered.events_->per_layer.back().record(impl_->copy.get());
+    }
+    ids.slot->free.record(impl_->copy.get());
+    layered.all_ = impl_->finish(n);
+    return layered;
+  }
+#endif
+  layered.all_ = dram_to_fast(dram_blocks, fast_blocks);
+  layered.all_.wait();
+  return layered;
 }
 
 Transfer TransferEngine::fast_to_host(std::span<const int32_t> fast_blocks, std::span<void* const> hosts) {

@@ -246,3 +246,26 @@ TEST_CASE("kv_copy_blocks_cuda gathers, scatters and copies whole blocks like th
   kernels::kv_copy_blocks_cuda(staging.get(), target.get(), nullptr, dids.as<int32_t>(), 37, block_bytes, nullptr);
   CHECK(test::to_host<uint8_t>(target, pool.size()) == ref_target);
 }
+
+TEST_CASE("kv_copy_block_slices_cuda copies one slice of each block like the reference") {
+  DEN_SKIP_WITHOUT_GPU();
+  std::mt19937 rng(36);
+  const int64_t block_bytes = 16 * 53 * 8, n_blocks = 64, offset = 16 * 53 * 3, slice = 16 * 53 * 2;
+  std::vector<uint8_t> pool(static_cast<size_t>(block_bytes * n_blocks));
+  for (auto& b : pool) b = static_cast<uint8_t>(rng());
+  std::vector<int32_t> from(29), to(29);
+  std::vector<int32_t> order(static_cast<size_t>(n_blocks));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::copy_n(order.begin(), 29, from.begin());
+  std::shuffle(order.begin(), order.end(), rng);
+  std::copy_n(order.begin(), 29, to.begin());
+  std::vector<uint8_t> ref_target(pool.size(), 0x5a);
+  kernels::kv_copy_block_slices_ref(pool.data(), ref_target.data(), from.data(), to.data(), 29, block_bytes, offset, slice);
+  const auto dpool = test::to_device(pool), dfrom = test::to_device(from), dto = test::to_device(to);
+  kernels::DeviceBuffer target(pool.size());
+  kernels::check(cudaMemset(target.get(), 0x5a, pool.size()));
+  kernels::kv_copy_block_slices_cuda(dpool.get(), target.get(), dfrom.as<int32_t>(), dto.as<int32_t>(), 29, block_bytes,
+                                     offset, slice, nullptr);
+  CHECK(test::to_host<uint8_t>(target, pool.size()) == ref_target);
+}

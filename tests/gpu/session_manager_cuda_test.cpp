@@ -29,15 +29,16 @@ memory::MemoryConfig device_config(const engine::Model& model, const std::filesy
 }
 
 // Feeds what the KV lacks; returns the last row of logits and appends its argmax.
-std::vector<float> step(SessionManager& m, engine::Backend& backend, memory::SessionId id) {
+std::vector<float> step(SessionManager& m, engine::Backend& backend, memory::SessionId id, bool layerwise = false) {
   const std::vector<int32_t> tokens = m.tokens(id);
-  auto lease = m.lease(id, static_cast<int32_t>(tokens.size()));
+  auto lease = m.lease(id, static_cast<int32_t>(tokens.size()), layerwise);
   REQUIRE(lease.has_value());
   const int32_t kv = lease->kv_tokens();
   engine::SequenceInput in{std::span(tokens).subspan(static_cast<size_t>(kv)), kv, lease->block_table(),
                            engine::LogitsWanted::last};
   engine::StepOutput out;
-  backend.forward({&in, 1}, m.fast_view(), out);
+  if (layerwise) CHECK(lease->arrival() != nullptr);
+  backend.forward({&in, 1}, m.fast_view(), out, lease->arrival());
   lease->computed(static_cast<int32_t>(tokens.size()));
   std::vector<float> row(out.row(0).begin(), out.row(0).end());
   const auto next = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
@@ -61,7 +62,7 @@ std::vector<char> kv_image(SessionManager& m, memory::SessionId id) {
 
 }  // namespace
 
-TEST_CASE("session manager on the GPU: DRAM and SSD round trips keep KV and logits bit-identical") {
+TEST_CASE("session manager on the GPU: DRAM, SSD and layer-wise round trips keep KV and logits bit-identical") {
   DEN_SKIP_WITHOUT_GPU();
   DEN_SKIP_UNLESS(test::file_exists(test::stories_model()), "stories260K is absent");
   const auto model = engine::Model::load(test::stories_model());
@@ -73,7 +74,7 @@ TEST_CASE("session manager on the GPU: DRAM and SSD round trips keep KV and logi
     SessionManager m(device_config(*model, {}));
     const auto id = m.create();
     m.append(id, prompt);
-    for (int i = 0; i < 30; ++i) reference.push_back(step(m, *backend, id));
+    for (int i = 0; i < 40; ++i) reference.push_back(step(m, *backend, id));
   }
 
   test::TempDir dir;
@@ -93,6 +94,12 @@ TEST_CASE("session manager on the GPU: DRAM and SSD round trips keep KV and logi
   CHECK(m.info(id).tier == memory::Tier::ssd);
   CHECK(kv_image(m, id) == middle);
   for (int i = 20; i < 30; ++i) CHECK(step(m, *backend, id) == reference[static_cast<size_t>(i)]);
+
+  // Layer-wise wakes: each step starts while its KV is still arriving, layer by layer.
+  for (int i = 30; i < 40; ++i) {
+    m.hibernate(id, memory::Tier::dram)->wait_or_throw();
+    CHECK(step(m, *backend, id, true) == reference[static_cast<size_t>(i)]);
+  }
   const auto st = m.stats();
   CHECK(st.tokens_recomputed == 0);
   CHECK(st.bytes_ssd_read > 0);

@@ -506,3 +506,28 @@ TEST_CASE("session: eviction gives up the session that is cheapest to bring back
   CHECK(m.stats().kv_tokens_dropped == 0);
   CHECK(test::fake_kv_is_exact(m, stored));
 }
+
+TEST_CASE("session: a layer-wise lease wakes from DRAM and settles before the blocks are shared") {
+  SessionManager m(config(32, 32));
+  const auto a = m.create();
+  m.append(a, sequence(3, 21));
+  run(m, a);
+  const std::vector<float> before = test::kv_image(m, a);
+  m.hibernate(a, Tier::dram)->wait_or_throw();
+  m.append(a, sequence(70, 2));
+  {
+    auto lease = m.lease(a, 23, true);
+    REQUIRE(lease.has_value());
+    REQUIRE(lease->arrival() != nullptr);
+    for (int32_t layer = 0; layer < kLayout.n_layers; ++layer) lease->arrival()->before_layer(layer, nullptr);
+    test::fake_compute(m, *lease);
+    CHECK(lease->arrival() == nullptr);  // computed() settled it
+  }
+  CHECK(test::fake_kv_is_exact(m, a));
+  const std::vector<float> after = test::kv_image(m, a);
+  CHECK(std::equal(before.begin(), before.end(), after.begin()));
+  // A fork taken right after shares settled blocks.
+  const auto b = m.fork(a);
+  CHECK(test::fake_kv_is_exact(m, b));
+  CHECK(m.stats().tokens_recomputed == 0);
+}

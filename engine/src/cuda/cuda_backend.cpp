@@ -68,7 +68,9 @@ class CudaBackend final : public Backend {
   kernels::DType kv_dtype() const override { return type_; }
   bool kv_on_device() const override { return true; }
 
-  void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out) override {
+  using Backend::forward;
+  void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out,
+               KvArrival* arrival) override {
     validate_batch(batch, kv, model_, type_, "cuda backend");
     kernels::check(cudaSetDevice(device_));
     const ModelConfig& c = model_.config();
@@ -78,8 +80,9 @@ class CudaBackend final : public Backend {
     if (reserve(n, plan_.n_logit_rows())) graphs_.clear();
     plan_.upload(stream_.get());
     const bool gemv = use_gemv(n);
-    if (plan_.decode_only()) {
-      // Decode steps replay a captured graph: one launch instead of a hundred or more.
+    if (plan_.decode_only() && arrival == nullptr) {
+      // Decode steps replay a captured graph: one launch instead of a hundred or more. A step
+      // whose KV is still arriving waits on events per layer and runs eagerly instead.
       const GraphKey key{static_cast<int32_t>(n),
                          plan_.n_logit_rows(),
                          plan_.n_host_rows(),
@@ -97,7 +100,7 @@ class CudaBackend final : public Backend {
       if (it == graphs_.end()) {
         if (graphs_.size() >= 64) graphs_.clear();
         kernels::check(cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal));
-        run_layers(kv, n, gemv);
+        run_layers(kv, n, gemv, nullptr);
         cudaGraph_t graph = nullptr;
         kernels::check(cudaStreamEndCapture(stream_.get(), &graph));
         const kernels::Graph captured(graph);
@@ -105,7 +108,7 @@ class CudaBackend final : public Backend {
       }
       it->second.launch(stream_.get());
     } else {
-      run_layers(kv, n, gemv);
+      run_layers(kv, n, gemv, arrival);
     }
     finish(out, batch.size());
   }
@@ -146,7 +149,7 @@ class CudaBackend final : public Backend {
     return moved;
   }
 
-  void run_layers(const kernels::PagedKvView& kv, int64_t n, bool gemv) {
+  void run_layers(const kernels::PagedKvView& kv, int64_t n, bool gemv, KvArrival* arrival) {
     const ModelConfig& c = model_.config();
     cudaStream_t s = stream_.get();
     const kernels::PagedBatch batch = plan_.paged_batch();
@@ -163,6 +166,7 @@ class CudaBackend final : public Backend {
     const kernels::GemvNormOut next_norm{inv_rms, norm_partial_.as<float>(), norm_counter_.as<int32_t>(), c.rms_eps};
     if (gemv) kernels::rms_cuda(x, n, c.n_embd, c.rms_eps, inv_rms, s);
     for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+      if (arrival != nullptr) arrival->before_layer(layer, s);
       const cuda::DeviceLayer& w = weights_.layers[static_cast<size_t>(layer)];
       if (gemv) {
         const kernels::GemvInput normed{x, nullptr, w.attn_norm.as<float>(), inv_rms};

@@ -49,6 +49,15 @@ struct StepOutput {
   }
 };
 
+// KV that is still arriving while a step runs (a layer-wise wake): the backend calls
+// before_layer(l, stream) before it reads or writes layer l's KV; the implementation makes that
+// stream wait (a cudaStream_t on the CUDA backend, nullptr on the CPU backend, where it blocks).
+class KvArrival {
+ public:
+  virtual ~KvArrival() = default;
+  virtual void before_layer(int32_t layer, void* stream) = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -58,7 +67,12 @@ class Backend {
   virtual bool kv_on_device() const = 0;
   // Runs one step. Throws std::invalid_argument for a malformed batch (token id out of range,
   // block table too short, layout mismatch) before touching the KV pool.
-  virtual void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out) = 0;
+  void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out) {
+    forward(batch, kv, out, nullptr);
+  }
+  // The same while KV arrives layer by layer (`arrival` may be null: everything is there).
+  virtual void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out,
+                       KvArrival* arrival) = 0;
 };
 
 // The C++ reference backend: float32 arithmetic, weights expanded from their GGUF format on

@@ -19,4 +19,11 @@ void kv_copy_blocks_ref(const void* src, void* dst, const int32_t* src_ids, cons
 void kv_copy_blocks_cuda(const void* src, void* dst, const int32_t* src_ids, const int32_t* dst_ids, int32_t n,
                          int64_t block_bytes, CudaStream stream);
 
+// The same for bytes [slice_offset, slice_offset + slice_bytes) of each block only: one layer's
+// K and V slices (layer-wise wake). On the GPU, offset and size must be multiples of 16.
+void kv_copy_block_slices_ref(const void* src, void* dst, const int32_t* src_ids, const int32_t* dst_ids, int32_t n,
+                              int64_t block_bytes, int64_t slice_offset, int64_t slice_bytes);
+void kv_copy_block_slices_cuda(const void* src, void* dst, const int32_t* src_ids, const int32_t* dst_ids, int32_t n,
+                               int64_t block_bytes, int64_t slice_offset, int64_t slice_bytes, CudaStream stream);
+
 }  // namespace den::kernels

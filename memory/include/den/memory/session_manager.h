@@ -143,15 +143,21 @@ class Lease {
   bool reserve(int32_t total_tokens);
   // The KV of the first `total_tokens` tokens of the history is now valid (<= history length).
   void computed(int32_t total_tokens);
+  // For a layer-wise lease: the KV still arriving, to hand to Backend::forward (nullptr when
+  // everything is in place). It stays valid until computed() or the lease's end.
+  engine::KvArrival* arrival() { return arriving_records_.empty() ? nullptr : &arriving_; }
 
  private:
   friend class SessionManager;
   Lease(SessionManager* manager, SessionId session) : manager_(manager), session_(session) {}
   void release() noexcept;
+  void settle();  // waits for arriving KV and lets other readers at those blocks
   SessionManager* manager_ = nullptr;
   SessionId session_ = 0;
   std::vector<int32_t> table_;
   int32_t kv_tokens_ = 0;
+  LayeredTransfer arriving_;
+  std::vector<int32_t> arriving_records_;  // block records in flight until settle()
 };
 
 class SessionManager {
@@ -206,7 +212,9 @@ class SessionManager {
   // or — when the cost model says so — dropping stored KV to recompute it) and reserves room
   // for `total_tokens` tokens. nullopt when the fast pool cannot make room now (everything else
   // is leased or pinned): the caller waits and retries. Waits while the session is busy.
-  std::optional<Lease> lease(SessionId id, int32_t total_tokens);
+  // layerwise: blocks woken from DRAM arrive layer by layer while the engine already runs
+  // (pass lease->arrival() to Backend::forward); otherwise the lease returns with all KV in place.
+  std::optional<Lease> lease(SessionId id, int32_t total_tokens, bool layerwise = false);
 
   // What waking the session would cost, per the cost model.
   RestorePlan restore_plan(SessionId id) const;

@@ -10,6 +10,7 @@
 #include <memory>
 #include <span>
 
+#include "den/engine/backend.h"
 #include "den/memory/block_pool.h"
 
 namespace den::memory {
@@ -35,6 +36,30 @@ class Transfer {
   friend class TransferEngine;
   std::shared_ptr<State> state_;
   int64_t bytes_ = 0;
+};
+
+// A DRAM -> fast copy issued one layer at a time (layer-wise wake): layer l's K and V slices of
+// every block are in place once before_layer(l, stream) has made `stream` wait for them, so the
+// engine can compute layer l while later layers still arrive. Destroying it waits for it all.
+class LayeredTransfer final : public engine::KvArrival {
+ public:
+  LayeredTransfer() = default;
+  ~LayeredTransfer() override;
+  LayeredTransfer(LayeredTransfer&& other) noexcept = default;
+  LayeredTransfer& operator=(LayeredTransfer&& other) noexcept;
+  LayeredTransfer(const LayeredTransfer&) = delete;
+  LayeredTransfer& operator=(const LayeredTransfer&) = delete;
+
+  // stream: a cudaStream_t to make wait (nullptr: block the calling thread until the layer is in).
+  void before_layer(int32_t layer, void* stream) override;
+  void wait();  // every layer; rethrows a CUDA fault
+
+  struct Events;  // per-layer completion events (CUDA builds)
+
+ private:
+  friend class TransferEngine;
+  std::shared_ptr<Events> events_;  // null: already complete
+  Transfer all_;                    // the whole copy
 };
 
 // How DRAM <-> fast copies of scattered blocks run on a GPU (the CPU backend always memcpys):
@@ -86,6 +111,9 @@ class TransferEngine {
   // This and host_to_fast are synchronous on a GPU (the bytes go through pinned staging chunks,
   // pipelined) and return a Transfer that is already complete.
   Transfer fast_to_host(std::span<const int32_t> fast_blocks, std::span<void* const> hosts);
+  // The same copy as dram_to_fast, layer by layer, for a layer-wise wake. With a host fast pool
+  // (or more blocks than one request holds) it completes before returning.
+  LayeredTransfer dram_to_fast_by_layer(std::span<const int32_t> dram_blocks, std::span<const int32_t> fast_blocks);
   // fast[fast_blocks[i]] <- hosts[i]
   Transfer host_to_fast(std::span<const void* const> hosts, std::span<const int32_t> fast_blocks);
   // fast[dst[i]] <- fast[src[i]] (copy-on-write of a shared block)
