@@ -62,7 +62,8 @@ int64_t max_ctas() {
 }  // namespace
 
 void kv_copy_block_slices_cuda(const void* src, void* dst, const int32_t* src_ids, const int32_t* dst_ids, int32_t n,
-                               int64_t block_bytes, int64_t slice_offset, int64_t slice_bytes, CudaStream stream) {
+                               int64_t block_bytes, int64_t slice_offset, int64_t slice_bytes, CudaStream stream,
+                               int32_t max_ctas_wanted) {
   if (n == 0 || slice_bytes == 0) return;
   if (block_bytes % 16 != 0 || slice_offset % 16 != 0 || slice_bytes % 16 != 0) {
     throw std::invalid_argument("kv_copy_block_slices_cuda: block size, slice offset and size must be multiples of 16 bytes");
@@ -72,7 +73,8 @@ void kv_copy_block_slices_cuda(const void* src, void* dst, const int32_t* src_id
   }
   const int64_t vectors = slice_bytes / 16;
   const int64_t tiles_per_block = (vectors + kTileVectors - 1) / kTileVectors;
-  const auto ctas = static_cast<unsigned>(std::min<int64_t>(n * tiles_per_block, max_ctas()));
+  const int64_t limit = max_ctas_wanted > 0 ? std::min<int64_t>(max_ctas_wanted, max_ctas()) : max_ctas();
+  const auto ctas = static_cast<unsigned>(std::min<int64_t>(n * tiles_per_block, limit));
   kv_copy_blocks_kernel<<<ctas, kThreads, 0, stream>>>(static_cast<const uint4*>(src), static_cast<uint4*>(dst), src_ids,
                                                        dst_ids, n, block_bytes / 16, slice_offset / 16, vectors,
                                                        tiles_per_block);

@@ -215,7 +215,10 @@ char* storage(const BlockPool& pool) { return static_cast<char*>(pool.view().blo
 namespace {
 
 constexpr int64_t kStagingBytes = int64_t{32} << 20;  // per buffer; two of each kind
-constexpr int32_t kIdsPerSlot = 1 << 16;              // block ids per request chunk and side
+constexpr int32_t kIdsPerSlot = 1 << 16;
+// Thread blocks of a layer-wise wake's copies: enough outstanding loads to fill PCIe, few
+// enough SMs that the engine's kernels run beside them.
+constexpr int32_t kLayeredCopyCtas = 64;              // block ids per request chunk and side
 constexpr int kIdSlots = 4;
 constexpr size_t kBatchEntries = 4096;  // copies per cudaMemcpyBatchAsync call
 
@@ -598,7 +601,7 @@ LayeredTransfer TransferEngine::dram_to_fast_by_layer(std::span<const int32_t> d
     for (int32_t layer = 0; layer < layout.n_layers; ++layer) {
       kernels::kv_copy_block_slices_cuda(impl_->dram_device, impl_->fast_blocks, ids.a, ids.b, n, layout.block_bytes(),
                                          layer * layout.layer_slice_bytes(), layout.layer_slice_bytes(),
-                                         impl_->copy.get());
+                                         impl_->copy.get(), kLayeredCopyCtas);
       layered.events_->per_layer.emplace_back(cudaEventDisableTiming);
       layered.events_->per_layer.back().record(impl_->copy.get());
     }

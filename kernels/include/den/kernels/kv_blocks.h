@@ -20,10 +20,13 @@ void kv_copy_blocks_cuda(const void* src, void* dst, const int32_t* src_ids, con
                          int64_t block_bytes, CudaStream stream);
 
 // The same for bytes [slice_offset, slice_offset + slice_bytes) of each block only: one layer's
-// K and V slices (layer-wise wake). On the GPU, offset and size must be multiples of 16.
+// K and V slices (layer-wise wake). On the GPU, offset and size must be multiples of 16;
+// max_ctas > 0 caps the thread blocks (a copy over PCIe needs few SMs to keep the link busy, and
+// leaves the rest to kernels running beside it); 0 fills the GPU.
 void kv_copy_block_slices_ref(const void* src, void* dst, const int32_t* src_ids, const int32_t* dst_ids, int32_t n,
                               int64_t block_bytes, int64_t slice_offset, int64_t slice_bytes);
 void kv_copy_block_slices_cuda(const void* src, void* dst, const int32_t* src_ids, const int32_t* dst_ids, int32_t n,
-                               int64_t block_bytes, int64_t slice_offset, int64_t slice_bytes, CudaStream stream);
+                               int64_t block_bytes, int64_t slice_offset, int64_t slice_bytes, CudaStream stream,
+                               int32_t max_ctas = 0);
 
 }  // namespace den::kernels
