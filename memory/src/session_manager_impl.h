@@ -405,10 +405,8 @@ struct SessionManager::Impl {
   bool make_resident_locked(std::unique_lock<std::mutex>& lock, SessionRecordMem& s,
                             LayeredTransfer* arriving = nullptr, std::vector<int32_t>* arriving_records = nullptr) {
     prefix_extend(s);  // once: after a cost-model drop the index must not hand the blocks back
-    auto ours = [&](int32_t h) {
-      return arriving_records != nullptr &&
-             std::find(arriving_records->begin(), arriving_records->end(), h) != arriving_records->end();
-    };
+    std::unordered_set<int32_t> ours_set;  // the records this call left in flight
+    auto ours = [&](int32_t h) { return ours_set.count(h) != 0; };
     for (;;) {
       changed.wait(lock, [&] {
         for (int32_t h : s.blocks) if (rec(h).in_flight && !ours(h)) return false;
@@ -470,6 +468,7 @@ struct SessionManager::Impl {
           if (rec(h).fast != kNoSlot && rec(h).dram != kNoSlot) {
             rec(h).in_flight = true;
             arriving_records->push_back(h);
+            ours_set.insert(h);
           }
         }
         counters.bytes_dram_to_fast += static_cast<int64_t>(dram_src.size()) * block_bytes;
