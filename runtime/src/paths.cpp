@@ -1,15 +1,27 @@
 // Default locations (XDG base directories).
 #include "den/runtime/paths.h"
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <stdexcept>
 
 namespace den::runtime {
 
+namespace {
+
+// An environment variable's value when set to an absolute path (the XDG rule: relative values
+// are ignored).
+const char* absolute_env(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] == '/' ? value : nullptr;
+}
+
+}  // namespace
+
 std::string models_directory() {
-  const char* cache = std::getenv("XDG_CACHE_HOME");
-  if (cache != nullptr && cache[0] == '/') return std::string(cache) + "/den/models";
+  if (const char* cache = absolute_env("XDG_CACHE_HOME")) return std::string(cache) + "/den/models";
   const char* home = std::getenv("HOME");
   return std::string(home != nullptr ? home : "/tmp") + "/.cache/den/models";
 }
@@ -24,6 +36,22 @@ std::string resolve_model_path(const std::string& requested) {
                              "); run scripts/fetch-model, or pass -m MODEL.gguf");
   }
   return path;
+}
+
+
+std::string socket_path(const std::string& requested) {
+  if (!requested.empty()) return requested;
+  const char* env = std::getenv("DEN_SOCKET");
+  if (env != nullptr && env[0] != '\0') return env;
+  if (const char* runtime = absolute_env("XDG_RUNTIME_DIR")) return std::string(runtime) + "/den/den.sock";
+  return "/tmp/den-" + std::to_string(::getuid()) + "/den.sock";
+}
+
+std::string state_directory(const std::string& requested) {
+  if (!requested.empty()) return requested;
+  if (const char* state = absolute_env("XDG_STATE_HOME")) return std::string(state) + "/den";
+  const char* home = std::getenv("HOME");
+  return std::string(home != nullptr ? home : "/tmp") + "/.local/state/den";
 }
 
 }  // namespace den::runtime

@@ -14,6 +14,10 @@ void add_tokenize_command(CLI::App& app);
 void add_model_commands(CLI::App& app);
 void add_bench_commands(CLI::App& app);
 void add_bench_resume_command(CLI::App& bench);  // under `den bench`
+void add_serve_command(CLI::App& app);
+// `den sessions ls|show|pin|unpin|checkpoint|hibernate|wake|rm` and `den stats`: clients of
+// the daemon's socket.
+void add_sessions_commands(CLI::App& app);
 
 // --temp, --top-k, --top-p, --min-p, --repeat-penalty, --repeat-last-n, --presence-penalty,
 // --frequency-penalty, --seed. `seed_given` tells whether --seed was on the command line.
