@@ -1,1 +1,359 @@
-// (being written)
+// Connections on the io thread: read, frame, parse, dispatch; answers come back through
+// ConnectionReplier, which posts to the io thread, so a connection is only ever touched there.
+#include "den/runtime/server.h"
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <boost/asio.hpp>
+
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+
+#include "den/runtime/json_rpc.h"
+#include "den/runtime/log.h"
+
+namespace den::runtime {
+namespace asio = boost::asio;
+namespace json = boost::json;
+using local_socket = asio::local::stream_protocol;
+
+namespace {
+
+constexpr size_t kReadChunk = 64 * 1024;
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+// Creates the socket's directory 0700 when missing; refuses one that belongs to someone else.
+void prepare_directory(const std::filesystem::path& dir) {
+  if (dir.empty()) return;
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) {
+    if (errno != ENOENT) throw std::runtime_error("cannot use socket directory " + dir.string() + ": " + errno_text(errno));
+    prepare_directory(dir.parent_path() == dir ? std::filesystem::path() : dir.parent_path());
+    if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+      throw std::runtime_error("cannot create socket directory " + dir.string() + ": " + errno_text(errno));
+    }
+    return;
+  }
+  if (!S_ISDIR(st.st_mode)) throw std::runtime_error("socket directory " + dir.string() + " is not a directory");
+}
+
+bool someone_listens(const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const bool ok = ::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0;
+  ::close(fd);
+  return ok;
+}
+
+}  // namespace
+
+struct Connection;
+
+struct Server::State : std::enable_shared_from_this<Server::State> {
+  asio::io_context& io;
+  Service& service;
+  local_socket::acceptor acceptor;
+  std::string path;
+  ino_t socket_inode = 0;
+  LimitsConfig limits;  // io thread
+  std::map<ConnectionId, std::shared_ptr<Connection>> connections;  // io thread
+  ConnectionId next_id = 1;
+  bool closing_all = false;
+
+  std::atomic<int64_t> open{0}, accepted{0}, refused_uid{0}, refused_limit{0}, dropped_slow{0}, dropped_unread{0},
+      oversized_lines{0}, malformed{0};
+
+  State(asio::io_context& io_, Service& service_) : io(io_), service(service_), acceptor(io_) {}
+  void accept();
+};
+
+struct Connection : std::enable_shared_from_this<Connection> {
+  std::shared_ptr<Server::State> server;
+  ConnectionId id;
+  local_socket::socket socket;
+  asio::steady_timer line_deadline;
+  rpc::LineFramer framer;
+  std::array<char, kReadChunk> buffer{};
+  std::deque<std::string> outbox;
+  size_t queued_bytes = 0;
+  bool writing = false, reading = false, closed = false, close_when_written = false;
+
+  Connection(std::shared_ptr<Server::State> s, ConnectionId i, local_socket::socket sock)
+      : server(std::move(s)),
+        id(i),
+        socket(std::move(sock)),
+        line_deadline(server->io),
+        framer(static_cast<size_t>(server->limits.line_bytes)) {}
+
+  void start() { read(); }
+
+  void read() {
+    if (closed || reading || close_when_written) return;
+    // Backpressure: a client that does not read its answers stops being read.
+    if (queued_bytes > static_cast<size_t>(server->limits.client_buffer_bytes) / 2) return;
+    reading = true;
+    socket.async_read_some(asio::buffer(buffer), [self = shared_from_this()](boost::system::error_code ec, size_t n) {
+      self->reading = false;
+      if (ec) {
+        self->close();
+        return;
+      }
+      self->received(n);
+    });
+  }
+
+  void received(size_t n) {
+    const bool was_idle = framer.pending_bytes() == 0;
+    bool completed = false;
+    for (rpc::LineFramer::Line& line : framer.push({buffer.data(), n})) {
+      completed = true;
+      if (line.oversized) {
+        ++server->oversized_lines;
+        send(rpc::error_response(nullptr, rpc::limit_exceeded,
+                                 "request line of " + std::to_string(line.bytes) + " bytes is longer than limits.line_bytes (" +
+                                     std::to_string(server->limits.line_bytes) + ")",
+                                 json::object{{"limit", server->limits.line_bytes}}));
+        continue;
+      }
+      if (line.text.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank line
+      handle(line.text);
+      if (closed) return;
+    }
+    if (framer.pending_bytes() == 0) {
+      line_deadline.cancel();
+    } else if (was_idle || completed) {
+      // A new line started: it has limits.request_seconds to be completed.
+      const auto seconds = server->limits.request_seconds;
+      line_deadline.expires_after(std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+      line_deadline.async_wait([self = shared_from_this(), seconds](boost::system::error_code ec) {
+        if (ec || self->closed || self->framer.pending_bytes() == 0) return;
+        ++self->server->dropped_slow;
+        log_info("dropping a client that did not complete a request line in time", {{"connection", std::to_string(self->id)}});
+        self->send(rpc::error_response(nullptr, rpc::request_timeout,
+                                       "request line not completed within " + std::to_string(seconds) + " s",
+                                       json::object{{"seconds", seconds}}));
+        self->close_when_written = true;
+        if (!self->writing) self->close();
+      });
+    }
+    read();
+  }
+
+  void handle(const std::string& line);
+
+  void send(std::string message) {
+    if (closed) return;
+    queued_bytes += message.size();
+    if (queued_bytes > static_cast<size_t>(server->limits.client_buffer_bytes)) {
+      ++server->dropped_unread;
+      log_warn("dropping a client that does not read its answers",
+               {{"connection", std::to_string(id)}, {"unread_bytes", std::to_string(queued_bytes)}});
+      close();
+      return;
+    }
+    outbox.push_back(std::move(message));
+    write();
+  }
+
+  void write() {
+    if (writing || outbox.empty() || closed) return;
+    writing = true;
+    asio::async_write(socket, asio::buffer(outbox.front()),
+                      [self = shared_from_this()](boost::system::error_code ec, size_t n) {
+                        self->writing = false;
+                        if (ec) {
+                          self->close();
+                          return;
+                        }
+                        self->queued_bytes -= n;
+                        self->outbox.pop_front();
+                        if (!self->outbox.empty()) {
+                          self->write();
+                        } else if (self->close_when_written) {
+                          self->close();
+                        } else {
+                          self->read();
+                        }
+                      });
+  }
+
+  void close() {
+    if (closed) return;
+    closed = true;
+    boost::system::error_code ignored;
+    line_deadline.cancel();
+    socket.shutdown(local_socket::socket::shutdown_both, ignored);
+    socket.close(ignored);
+    outbox.clear();
+    queued_bytes = 0;
+    server->service.connection_closed(id);
+    --server->open;
+    server->connections.erase(id);  // may drop the last owner: nothing may follow
+  }
+};
+
+// Answers of one request, posted to the io thread; dropped once the connection is gone.
+class ConnectionReplier final : public Replier {
+ public:
+  ConnectionReplier(asio::io_context& io, std::weak_ptr<Connection> connection, json::value id)
+      : io_(io), connection_(std::move(connection)), id_(std::move(id)) {}
+  void notify(std::string_view method, json::object params) override { post(rpc::notification(method, params)); }
+  void result(json::value result) override { post(rpc::response(id_, result)); }
+  void error(const rpc::Error& error) override { post(rpc::error_response(id_, error)); }
+
+ private:
+  void post(std::string line) {
+    asio::post(io_, [weak = connection_, line = std::move(line)]() mutable {
+      if (auto c = weak.lock()) c->send(std::move(line));
+    });
+  }
+  asio::io_context& io_;
+  std::weak_ptr<Connection> connection_;
+  json::value id_;
+};
+
+void Connection::handle(const std::string& line) {
+  json::value request_id;
+  rpc::Request request;
+  try {
+    request = rpc::parse_request(line, {static_cast<size_t>(server->limits.line_bytes), server->limits.json_depth},
+                                 &request_id);
+  } catch (const rpc::Error& e) {
+    ++server->malformed;
+    send(rpc::error_response(request_id, e));
+    return;
+  }
+  if (request.notification) return;  // e.g. notifications/initialized: nothing to answer
+  auto replier = std::make_shared<ConnectionReplier>(server->io, weak_from_this(), request.id);
+  server->service.dispatch(id, std::move(request), std::move(replier));
+}
+
+void Server::State::accept() {
+  acceptor.async_accept([self = shared_from_this()](boost::system::error_code ec, local_socket::socket socket) {
+    if (ec) {
+      if (ec != asio::error::operation_aborted && self->acceptor.is_open()) {
+        log_warn("accept failed", {{"error", ec.message()}});
+        self->accept();
+      }
+      return;
+    }
+    ucred peer{};
+    socklen_t len = sizeof peer;
+    boost::system::error_code ignored;
+    if (::getsockopt(socket.native_handle(), SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0 || peer.uid != ::geteuid()) {
+      ++self->refused_uid;
+      log_warn("refused a connection from another user", {{"uid", std::to_string(peer.uid)}, {"pid", std::to_string(peer.pid)}});
+      socket.close(ignored);
+    } else if (self->open.load() >= self->limits.connections) {
+      ++self->refused_limit;
+      const std::string refusal =
+          rpc::error_response(nullptr, rpc::limit_exceeded,
+                              "too many connections (limits.connections = " + std::to_string(self->limits.connections) + ")",
+                              json::object{{"limit", self->limits.connections}});
+      ::send(socket.native_handle(), refusal.data(), refusal.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      socket.close(ignored);
+    } else {
+      ++self->accepted;
+      ++self->open;
+      const ConnectionId id = self->next_id++;
+      auto connection = std::make_shared<Connection>(self, id, std::move(socket));
+      self->connections[id] = connection;
+      connection->start();
+    }
+    if (self->acceptor.is_open()) self->accept();
+  });
+}
+
+Server::Server(asio::io_context& io, Service& service, std::string socket_path, const LimitsConfig& limits)
+    : state_(std::make_shared<State>(io, service)), path_(std::move(socket_path)) {
+  state_->path = path_;
+  state_->limits = limits;
+  if (path_.size() >= sizeof(sockaddr_un::sun_path)) {
+    throw std::runtime_error("socket path " + path_ + " is longer than the " +
+                             std::to_string(sizeof(sockaddr_un::sun_path) - 1) + " bytes a Unix socket allows");
+  }
+  prepare_directory(std::filesystem::path(path_).parent_path());
+  struct stat st {};
+  if (::lstat(path_.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) throw std::runtime_error(path_ + " exists and is not a socket: remove it or choose another --socket");
+    if (someone_listens(path_)) throw std::runtime_error("a daemon already listens at " + path_ + " (den stats talks to it)");
+    ::unlink(path_.c_str());  // stale: left by a daemon that did not exit cleanly
+  }
+  const mode_t old_mask = ::umask(0177);  // the socket is born 0600
+  boost::system::error_code ec;
+  state_->acceptor.open(local_socket(), ec);
+  if (!ec) state_->acceptor.bind(local_socket::endpoint(path_), ec);
+  ::umask(old_mask);
+  if (!ec) state_->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) throw std::runtime_error("cannot listen at " + path_ + ": " + ec.message());
+  ::chmod(path_.c_str(), 0600);
+  if (::lstat(path_.c_str(), &st) == 0) state_->socket_inode = st.st_ino;
+}
+
+Server::~Server() {
+  stop_accepting();
+}
+
+void Server::start() {
+  asio::post(state_->io, [s = state_] { s->accept(); });
+}
+
+void Server::stop_accepting() {
+  // Runs on whatever thread; the acceptor's close is posted when the io thread runs.
+  auto s = state_;
+  if (s->socket_inode != 0) {
+    struct stat st {};
+    if (::lstat(path_.c_str(), &st) == 0 && st.st_ino == s->socket_inode) ::unlink(path_.c_str());
+    s->socket_inode = 0;
+  }
+  if (s->io.stopped()) {
+    boost::system::error_code ignored;
+    s->acceptor.close(ignored);
+    return;
+  }
+  asio::post(s->io, [s] {
+    boost::system::error_code ignored;
+    s->acceptor.close(ignored);
+  });
+}
+
+void Server::close_all() {
+  asio::post(state_->io, [s = state_] {
+    std::vector<std::shared_ptr<Connection>> all;
+    for (auto& [id, c] : s->connections) all.push_back(c);
+    for (auto& c : all) {
+      c->close_when_written = true;
+      if (!c->writing) c->close();
+    }
+  });
+}
+
+void Server::set_limits(const LimitsConfig& limits) {
+  asio::post(state_->io, [s = state_, limits] { s->limits = limits; });
+}
+
+json::object Server::stats() const {
+  const State& s = *state_;
+  return {{"open", s.open.load()},
+          {"accepted", s.accepted.load()},
+          {"refused_other_uid", s.refused_uid.load()},
+          {"refused_over_limit", s.refused_limit.load()},
+          {"dropped_slow", s.dropped_slow.load()},
+          {"dropped_not_reading", s.dropped_unread.load()},
+          {"oversized_lines", s.oversized_lines.load()},
+          {"malformed_requests", s.malformed.load()}};
+}
+
+}  // namespace den::runtime

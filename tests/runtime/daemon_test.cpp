@@ -1,1 +1,365 @@
-// (being written)
+// Integration tests of `den serve`: a real daemon process on stories260K (CPU backend), driven
+// through its socket. Concurrency and batching, restart after SIGTERM and SIGKILL, bad input
+// while a well-behaved client measures its latency, cancellation, and other users' refusal.
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "daemon_process.h"
+#include "den/runtime/client.h"
+#include "den/runtime/json_rpc.h"
+#include "test_support.h"
+
+namespace den::test {
+namespace {
+
+namespace json = boost::json;
+using runtime::DaemonClient;
+using runtime::RpcCallError;
+
+std::vector<std::string> stories_daemon_args(std::vector<std::string> more = {}) {
+  std::vector<std::string> args = {"-m", stories_model(), "--backend", "cpu", "--threads", "1"};
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
+json::object greedy(std::string text, int max_tokens) {
+  return {{"text", std::move(text)}, {"max_tokens", max_tokens}, {"temperature", 0}};
+}
+
+json::object with_session(json::object params, const std::string& session) {
+  params["session"] = session;
+  return params;
+}
+
+std::string generate_text(DaemonClient& client, const std::string& session, json::object params) {
+  const json::value r = client.call("sessions/generate", with_session(std::move(params), session));
+  return std::string(r.at("text").as_string());
+}
+
+int64_t memory_stat(DaemonClient& client, const char* key) {
+  return client.call("daemon/stats").at("memory").at(key).to_number<int64_t>();
+}
+
+int error_code_of(const std::string& line) {
+  const json::value v = json::parse(line);
+  return static_cast<int>(v.at("error").at("code").to_number<int64_t>());
+}
+
+const std::vector<std::string> kPrompts = {"Once upon a time", "The cat", "Lily and Ben went", "One day, a little",
+                                           "Tom had a big red"};
+
+TEST_CASE("daemon serves 50 concurrent clients in shared steps with single-client outputs") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(stories_daemon_args());
+  constexpr int kClients = 50;
+  constexpr int kTokens = 24;
+
+  // Single-client references, one prompt at a time.
+  std::vector<std::string> reference;
+  {
+    DaemonClient client(daemon.socket_path());
+    for (size_t i = 0; i < kPrompts.size(); ++i) {
+      const std::string name = "ref" + std::to_string(i);
+      client.call("sessions/create", {{"name", name}});
+      reference.push_back(generate_text(client, name, greedy(kPrompts[i], kTokens)));
+      CHECK(!reference.back().empty());
+    }
+  }
+
+  std::vector<std::string> outputs(kClients);
+  std::vector<std::string> failures(kClients);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kClients; ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        DaemonClient client(daemon.socket_path());
+        const std::string name = "c" + std::to_string(i);
+        client.call("sessions/create", {{"name", name}});
+        json::object params = greedy(kPrompts[static_cast<size_t>(i) % kPrompts.size()], kTokens);
+        params["stream"] = true;
+        std::string streamed;
+        int64_t expected_seq = 0;
+        const json::value r = client.call("sessions/generate", with_session(params, name),
+                                          [&](std::string_view method, const json::object& p) {
+                                            if (method != "sessions/stream") return;
+                                            if (p.at("seq").to_number<int64_t>() != expected_seq++) streamed += "<seq gap>";
+                                            streamed += p.at("text").as_string();
+                                          });
+        outputs[static_cast<size_t>(i)] = std::string(r.at("text").as_string());
+        if (streamed != outputs[static_cast<size_t>(i)]) failures[static_cast<size_t>(i)] = "stream != result";
+      } catch (const std::exception& e) {
+        failures[static_cast<size_t>(i)] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kClients; ++i) {
+    INFO("client " << i);
+    CHECK(failures[static_cast<size_t>(i)] == "");
+    CHECK(outputs[static_cast<size_t>(i)] == reference[static_cast<size_t>(i) % kPrompts.size()]);
+  }
+  DaemonClient client(daemon.socket_path());
+  const json::value stats = client.call("daemon/stats");
+  const json::value& engine = stats.at("engine");
+  MESSAGE("steps " << engine.at("steps") << ", batched " << engine.at("batched_steps") << ", max batch "
+                   << engine.at("max_batch") << ", mean batch " << engine.at("mean_batch"));
+  CHECK(engine.at("batched_steps").to_number<int64_t>() > 0);
+  CHECK(engine.at("max_batch").to_number<int64_t>() > 1);
+  CHECK(engine.at("requests_completed").to_number<int64_t>() == kClients + static_cast<int64_t>(kPrompts.size()));
+}
+
+// Runs the same conversation in a daemon that restarts and in one that does not: the turns after
+// the restart must be the same, and nothing may be recomputed.
+TEST_CASE("daemon restart after SIGTERM lists sessions and continues with 0 tokens recomputed") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess reference_daemon(stories_daemon_args());
+  DaemonProcess daemon(stories_daemon_args());
+  DaemonClient reference(reference_daemon.socket_path());
+  std::vector<std::string> first_turns;
+  {
+    DaemonClient client(daemon.socket_path());
+    for (size_t i = 0; i < 3; ++i) {
+      const std::string name = "story" + std::to_string(i);
+      client.call("sessions/create", {{"name", name}});
+      reference.call("sessions/create", {{"name", name}});
+      const std::string a = generate_text(client, name, greedy(kPrompts[i], 20));
+      CHECK(a == generate_text(reference, name, greedy(kPrompts[i], 20)));
+    }
+  }
+  CHECK(daemon.stop() == 0);
+  CHECK(daemon.log().find("sessions checkpointed") != std::string::npos);
+  daemon.restart();
+
+  DaemonClient client(daemon.socket_path());
+  const json::array sessions = client.call("sessions/list").at("sessions").as_array();
+  REQUIRE(sessions.size() == 3);
+  for (const json::value& s : sessions) {
+    CHECK(s.at("checkpoint").at("current").as_bool());
+    CHECK(s.at("tier").as_string() == "ssd");
+  }
+  for (size_t i = 0; i < 3; ++i) {
+    const std::string name = "story" + std::to_string(i);
+    json::object next{{"max_tokens", 16}, {"temperature", 0}};
+    CHECK(generate_text(client, name, next) == generate_text(reference, name, next));
+  }
+  CHECK(memory_stat(client, "tokens_recomputed") == 0);
+  CHECK(memory_stat(client, "tokens_loaded") > 0);
+}
+
+TEST_CASE("daemon restart after SIGKILL keeps every checkpointed session's KV and every acknowledged history") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess reference_daemon(stories_daemon_args());
+  DaemonProcess daemon(stories_daemon_args());
+  DaemonClient reference(reference_daemon.socket_path());
+  {
+    DaemonClient client(daemon.socket_path());
+    for (const char* name : {"kept", "unsaved"}) {
+      client.call("sessions/create", {{"name", name}});
+      reference.call("sessions/create", {{"name", name}});
+      CHECK(generate_text(client, name, greedy("Once upon a time", 20)) ==
+            generate_text(reference, name, greedy("Once upon a time", 20)));
+    }
+    client.call("sessions/checkpoint", {{"session", "kept"}});
+  }
+  daemon.kill(SIGKILL);
+  CHECK(daemon.wait_exit() == 128 + SIGKILL);
+  daemon.restart();
+
+  DaemonClient client(daemon.socket_path());
+  REQUIRE(client.call("sessions/list").at("sessions").as_array().size() == 2);
+  json::object next{{"max_tokens", 16}, {"temperature", 0}};
+  CHECK(generate_text(client, "kept", next) == generate_text(reference, "kept", next));
+  CHECK(memory_stat(client, "tokens_recomputed") == 0);
+  CHECK(memory_stat(client, "tokens_loaded") > 0);
+  // The other session's history was acknowledged (saved before its answer), its KV was not:
+  // it continues the same, computing its KV again.
+  CHECK(generate_text(client, "unsaved", next) == generate_text(reference, "unsaved", next));
+}
+
+// Bad input of every kind while a well-behaved client keeps asking daemon/stats: each gets a
+// clear error or is dropped, the daemon survives, and stats stays fast.
+TEST_CASE("daemon answers bad input with errors while stats stays fast") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  TempDir config_dir;
+  write_file(config_dir.file("den.yaml"), "limits:\n  request_seconds: 2\n  line_bytes: 1MiB\n");
+  DaemonProcess daemon(stories_daemon_args({"--config", config_dir.file("den.yaml")}));
+
+  std::atomic<bool> done{false};
+  std::vector<double> latencies_ms;
+  std::string watcher_error;
+  std::thread watcher([&] {
+    try {
+      DaemonClient client(daemon.socket_path());
+      while (!done.load()) {
+        const auto t0 = std::chrono::steady_clock::now();
+        client.call("daemon/stats");
+        latencies_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+    } catch (const std::exception& e) {
+      watcher_error = e.what();
+    }
+  });
+
+  {
+    DaemonClient bad(daemon.socket_path());
+    auto answer = [&](std::string_view line) {
+      bad.send_raw(line);
+      const auto reply = bad.read_line(std::chrono::seconds(10));
+      REQUIRE(reply.has_value());
+      return *reply;
+    };
+    CHECK(error_code_of(answer("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\"\n")) == runtime::rpc::parse_error);
+    CHECK(error_code_of(answer("[1,2]\n")) == runtime::rpc::invalid_request);
+    CHECK(error_code_of(answer("{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"no/such\"}\n")) == runtime::rpc::method_not_found);
+    CHECK(error_code_of(answer("{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"sessions/get\",\"params\":{\"session\":7}}\n")) ==
+          runtime::rpc::invalid_params);
+    CHECK(error_code_of(answer("{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"sessions/get\",\"params\":{\"session\":\"nope\"}}\n")) ==
+          runtime::rpc::session_not_found);
+    bad.call("sessions/create", {{"name", "typed"}});
+    CHECK(error_code_of(answer(
+              "{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"sessions/generate\",\"params\":{\"session\":\"typed\",\"max_tokens\":\"many\"}}\n")) ==
+          runtime::rpc::invalid_params);
+    CHECK(error_code_of(answer(
+              "{\"jsonrpc\":\"2.0\",\"id\":6,\"method\":\"sessions/generate\",\"params\":{\"session\":\"typed\",\"temprature\":0}}\n")) ==
+          runtime::rpc::invalid_params);
+    // Nesting depth 10^5.
+    std::string deep = "{\"jsonrpc\":\"2.0\",\"id\":6,\"method\":\"daemon/stats\",\"params\":{\"a\":";
+    deep += std::string(100000, '[') + std::string(100000, ']') + "}}\n";
+    CHECK(error_code_of(answer(deep)) == runtime::rpc::limit_exceeded);
+    // A 100 MB line, sent in 1 MiB pieces: refused without being buffered.
+    const std::string piece(1 << 20, 'x');
+    for (int i = 0; i < 100; ++i) bad.send_raw(piece);
+    CHECK(error_code_of(answer("\n")) == runtime::rpc::limit_exceeded);
+    // The connection still works after all that.
+    CHECK(bad.call("daemon/stats").at("engine").is_object());
+  }
+  {
+    // A client that leaves in the middle of a stream.
+    DaemonClient leaver(daemon.socket_path());
+    leaver.call("sessions/create", {{"name", "leaver"}});
+    json::object p = with_session(greedy("Once upon a time", 400), "leaver");
+    p["stream"] = true;
+    const std::string line = json::serialize(json::object{{"jsonrpc", "2.0"}, {"id", 1}, {"method", "sessions/generate"}, {"params", p}});
+    leaver.send_raw(line + "\n");
+    CHECK(leaver.read_line(std::chrono::seconds(10)).has_value());  // the first streamed piece
+  }
+  {
+    // One byte per second: dropped with -32009 once limits.request_seconds (2 s) pass.
+    DaemonClient slow(daemon.socket_path());
+    const std::string request = "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"daemon/stats\"}\n";
+    std::optional<std::string> reply;
+    for (size_t i = 0; i < request.size() && !reply; ++i) {
+      try {
+        slow.send_raw(request.substr(i, 1));
+      } catch (const std::exception&) {
+        break;
+      }
+      reply = slow.read_line(std::chrono::seconds(1));
+    }
+    REQUIRE(reply.has_value());
+    CHECK(error_code_of(*reply) == runtime::rpc::request_timeout);
+    CHECK_FALSE(slow.read_line(std::chrono::seconds(2)).has_value());  // closed
+  }
+  done = true;
+  watcher.join();
+  CHECK(watcher_error == "");
+  REQUIRE(latencies_ms.size() > 20);
+  std::sort(latencies_ms.begin(), latencies_ms.end());
+  const double p99 = latencies_ms[latencies_ms.size() * 99 / 100];
+  MESSAGE("daemon/stats under abuse: " << latencies_ms.size() << " calls, p50 " << latencies_ms[latencies_ms.size() / 2]
+                                       << " ms, p99 " << p99 << " ms");
+  CHECK(p99 < 100.0);
+  CHECK(daemon.running());
+  DaemonClient after(daemon.socket_path());
+  const json::value stats = after.call("daemon/stats");
+  CHECK(stats.at("connections").at("dropped_slow").to_number<int64_t>() == 1);
+  CHECK(stats.at("connections").at("oversized_lines").to_number<int64_t>() == 1);
+  CHECK(daemon.stop() == 0);
+}
+
+TEST_CASE("daemon cancels a generation during its prefill and refuses a second one on a busy session") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  TempDir config_dir;
+  // One-token prefill chunks make the prefill of a long prompt take many steps.
+  write_file(config_dir.file("den.yaml"), "scheduler:\n  prefill_chunk: 1\n");
+  DaemonProcess daemon(stories_daemon_args({"--config", config_dir.file("den.yaml")}));
+  DaemonClient client(daemon.socket_path());
+  DaemonClient other(daemon.socket_path());
+  client.call("sessions/create", {{"name", "long"}});
+  std::string prompt;
+  for (int i = 0; i < 100; ++i) prompt += "Once upon a time there was a cat. ";
+  const int64_t request_id = client.next_id();
+  std::thread canceller([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    try {
+      other.call("sessions/generate", {{"session", "long"}, {"max_tokens", 1}});
+    } catch (const RpcCallError& e) {
+      CHECK(e.code() == runtime::rpc::session_busy);
+    }
+    other.call("sessions/cancel", {{"session", "long"}});
+  });
+  const json::value r = client.call("sessions/generate", with_session(greedy(prompt, 50), "long"));
+  canceller.join();
+  CHECK(r.at("finish_reason").as_string() == "cancelled");
+  CHECK(r.at("tokens").at("generated").to_number<int64_t>() == 0);
+  (void)request_id;
+  // The session is usable again.
+  CHECK(client.call("sessions/generate", {{"session", "long"}, {"max_tokens", 4}, {"temperature", 0}})
+            .at("finish_reason")
+            .as_string() == "length");
+}
+
+TEST_CASE("daemon refuses a client of another user") {
+  DEN_SKIP_UNLESS(::geteuid() == 0, "needs root, to connect as a second user");
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(stories_daemon_args());
+  // Open the file permissions so that only SO_PEERCRED stands in the way.
+  const std::string dir = std::filesystem::path(daemon.socket_path()).parent_path().string();
+  ::chmod(dir.c_str(), 0755);
+  ::chmod(daemon.socket_path().c_str(), 0666);
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) _exit(10);
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, daemon.socket_path().c_str(), sizeof addr.sun_path - 1);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) _exit(11);
+    const char request[] = "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"daemon/stats\"}\n";
+    (void)!::write(fd, request, sizeof request - 1);
+    char buf[256];
+    const ssize_t n = ::read(fd, buf, sizeof buf);  // the daemon closes: EOF (or a reset), no answer
+    _exit(n <= 0 ? 0 : 12);
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  DaemonClient client(daemon.socket_path());
+  CHECK(client.call("daemon/stats").at("connections").at("refused_other_uid").to_number<int64_t>() == 1);
+}
+
+TEST_CASE("daemon shuts down on daemon/shutdown with exit code 0") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(stories_daemon_args());
+  DaemonClient client(daemon.socket_path());
+  client.call("sessions/create", {{"name", "a"}});
+  generate_text(client, "a", greedy("The cat", 8));
+  CHECK(client.call("daemon/shutdown").at("shutting_down").as_bool());
+  CHECK(daemon.wait_exit() == 0);
+  CHECK_FALSE(file_exists(daemon.socket_path()));
+}
+
+}  // namespace
+}  // namespace den::test

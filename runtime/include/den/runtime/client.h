@@ -57,13 +57,24 @@ class DaemonClient {
   const std::string& socket_path() const { return path_; }
 
  private:
+  enum class LineStatus { line, closed, timed_out };
+  // Takes the next complete line out of buffer_ (reading as needed) into `line`; a negative
+  // timeout waits forever.
+  LineStatus next_line(std::string& line, std::chrono::milliseconds timeout);
+  void send_all(std::string_view bytes);
+  [[noreturn]] void throw_closed() const;
+
   std::string path_;
-  int fd_ = -1;
+  int fd_ = -1;  // owned: closed by the destructor
   int64_t next_id_ = 1;
-  std::string buffer_;
+  std::string buffer_;  // received bytes not yet returned as lines
 };
 
 // True when a daemon answers at the path (connect succeeds).
 bool daemon_listening(const std::string& socket_path);
+
+// One line for a person: what the daemon refused and what to do about it, from the error's code
+// and data (e.g. -32000: "no session 'foo' (den sessions ls lists them)"). The CLI's error lines.
+std::string describe_for_user(const RpcCallError& error);
 
 }  // namespace den::runtime

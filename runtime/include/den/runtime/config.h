@@ -82,8 +82,8 @@ DaemonConfig load_config(const std::string& path);
 DaemonConfig parse_config(std::string_view yaml_text, const std::string& source);
 
 // SIGHUP: the keys that differ between the running and the reloaded configuration and only
-// take effect after a restart (model, backend, device, socket, state_dir, kv.*, metrics.listen,
-// tools), as dotted names. log_level, limits.* and scheduler.* change live.
+// take effect after a restart (model, backend, device, threads, context, socket, state_dir, kv.*,
+// metrics.listen, tools), as dotted names. log_level, limits.* and scheduler.* change live.
 std::vector<std::string> restart_required_changes(const DaemonConfig& running, const DaemonConfig& reloaded);
 
 // "8GiB", "512MiB", "1.5GB", "4096" (bytes), "0"; binary (KiB..TiB) and decimal (kB..TB)

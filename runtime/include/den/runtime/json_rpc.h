@@ -36,6 +36,7 @@ enum ErrorCode : int {
   limit_exceeded = -32007,     // line too long, too deep, too many connections/sessions
   unsupported = -32008,        // e.g. hibernate to ssd without an SSD tier
   request_timeout = -32009,    // a line was not completed in time
+  session_refused = -32010,    // the memory manager refused (pinned session hibernated, no room to pin, ...)
 };
 
 // An error to send back. `data` is null or an object with details.
@@ -65,24 +66,27 @@ struct Request {
 };
 
 // Parses one line (without its newline). On failure throws Error with parse_error,
-// invalid_request or limit_exceeded; `error_id` (when given) receives the request's id if it
+// invalid_request, invalid_params (positional params) or limit_exceeded; `error_id` (when given) receives the request's id if it
 // could be read, so the error can still be correlated.
 Request parse_request(std::string_view line, const Limits& limits, json::value* error_id = nullptr);
 
-// Splits a byte stream into lines. A line longer than max_line_bytes is not buffered: its
-// bytes are discarded up to the next newline and one `oversized` line is reported in its place.
+// Splits a byte stream into lines ending in '\n' (a '\r' before it is dropped; empty lines are
+// reported too). A line longer than max_line_bytes is not buffered: its bytes are discarded up
+// to the next newline and one `oversized` line is reported in its place.
 class LineFramer {
  public:
   explicit LineFramer(size_t max_line_bytes) : max_line_bytes_(max_line_bytes) {}
   struct Line {
     std::string text;
     bool oversized = false;
-    size_t bytes = 0;  // length of the line as received (also for an oversized one)
+    size_t bytes = 0;  // length of the line as received, '\r' included (also for an oversized one)
   };
   // Feeds received bytes; returns the lines they completed.
   std::vector<Line> push(std::string_view bytes);
   // Bytes of the current incomplete line (0 between lines).
   size_t pending_bytes() const { return partial_bytes_; }
+  // Memory held for the current line: O(max_line_bytes) however long the line grows.
+  size_t buffer_capacity_bytes() const { return partial_.capacity(); }
 
  private:
   size_t max_line_bytes_;
@@ -91,7 +95,8 @@ class LineFramer {
   bool discarding_ = false;
 };
 
-// Serialised messages, each ending in '\n'.
+// Serialised messages, each ending in '\n' and always valid JSON in valid UTF-8: infinities
+// and NaN are written as null, bytes of invalid UTF-8 inside strings as U+FFFD.
 std::string response(const json::value& id, const json::value& result);
 std::string error_response(const json::value& id, int code, std::string_view message,
                            const json::value& data = nullptr);
@@ -100,6 +105,8 @@ std::string notification(std::string_view method, const json::value& params);
 
 // Typed params. Every accessor throws Error(invalid_params) naming the key and the expected
 // type or range; unknown keys are refused by check_known (so typos do not pass silently).
+// A member set to null counts as absent. Integers may come as doubles with an integral value
+// (5.0), never as booleans.
 class Params {
  public:
   explicit Params(const json::object& params) : params_(params) {}

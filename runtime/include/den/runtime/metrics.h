@@ -6,6 +6,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -66,11 +67,24 @@ class PrometheusText {
 
 // Listens on a loopback TCP address ("127.0.0.1:9464", "[::1]:9464", "localhost:9464") and
 // answers GET /metrics with render(). Throws std::invalid_argument for a malformed or
-// non-loopback address and std::runtime_error when the port cannot be bound.
+// non-loopback address and std::runtime_error when the port cannot be bound. render() runs
+// on an io_context thread with the listener's lock held: it must not destroy the listener.
 class MetricsListener {
  public:
   MetricsListener(boost::asio::io_context& io, std::string_view address, std::function<std::string()> render);
+  // request_timeout: how long a client may take to send its request head, and again to take
+  // the answer, before it is disconnected (tests shorten it).
+  MetricsListener(boost::asio::io_context& io, std::string_view address, std::function<std::string()> render,
+                  std::chrono::milliseconds request_timeout);
+  // Closes the port and every open connection before returning, from any thread, whether or
+  // not the io_context is running; render() is not called once the destructor has returned.
   ~MetricsListener();
+  MetricsListener(const MetricsListener&) = delete;
+  MetricsListener& operator=(const MetricsListener&) = delete;
+
+  static constexpr std::chrono::milliseconds kRequestTimeout{5000};
+  static constexpr size_t kMaxRequestHeadBytes = 8 * 1024;
+
   uint16_t port() const;  // the bound port (useful with port 0)
 
  private:
