@@ -98,7 +98,7 @@ void notify_systemd(const std::string& state) { sd_notify(0, state.c_str()); }
 
 }  // namespace
 
-int run_daemon(const DaemonConfig& config, const std::string& config_path) {
+int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& reload) {
   set_log_level(config.log_level);
   std::signal(SIGPIPE, SIG_IGN);
   // Signals are taken by the signal_set below; block them until it exists.
@@ -168,11 +168,11 @@ int run_daemon(const DaemonConfig& config, const std::string& config_path) {
   std::function<void(const boost::system::error_code&, int)> on_signal = [&](const boost::system::error_code& ec, int sig) {
     if (ec) return;
     if (sig == SIGHUP) {
-      if (config_path.empty()) {
+      if (!reload) {
         log_info("SIGHUP: no configuration file to reload (started without --config)");
       } else {
         try {
-          DaemonConfig reloaded = load_config(config_path);
+          const DaemonConfig reloaded = reload();
           for (const std::string& key : restart_required_changes(running, reloaded)) {
             log_warn("SIGHUP: this change takes effect after a restart", {{"key", key}});
           }
@@ -182,7 +182,7 @@ int run_daemon(const DaemonConfig& config, const std::string& config_path) {
           running.log_level = reloaded.log_level;
           running.limits = reloaded.limits;
           running.scheduler = reloaded.scheduler;
-          log_info("SIGHUP: configuration reloaded", {{"file", config_path}});
+          log_info("SIGHUP: configuration reloaded", {{"file", reloaded.source}});
         } catch (const std::exception& e) {
           log_error("SIGHUP: configuration not reloaded", {{"error", e.what()}});
         }

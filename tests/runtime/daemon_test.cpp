@@ -1,6 +1,8 @@
 // Integration tests of `den serve`: a real daemon process on stories260K (CPU backend), driven
 // through its socket. Concurrency and batching, restart after SIGTERM and SIGKILL, bad input
 // while a well-behaved client measures its latency, cancellation, and other users' refusal.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -348,6 +350,105 @@ TEST_CASE("daemon refuses a client of another user") {
   CHECK(WEXITSTATUS(status) == 0);
   DaemonClient client(daemon.socket_path());
   CHECK(client.call("daemon/stats").at("connections").at("refused_other_uid").to_number<int64_t>() == 1);
+}
+
+// Sixteen long generations in a fast pool that holds about a third of what they need at once:
+// every one waits its turn (or has its KV evicted and recomputed) and none fails.
+TEST_CASE("daemon queues generations when the fast pool is short and completes every one") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  TempDir config_dir;
+  // stories260K: 20 KiB per 16-token block; 2 MiB = 102 blocks, each generation needs ~13.
+  write_file(config_dir.file("den.yaml"), "context: 512\nkv:\n  hbm: 2MiB\n");
+  DaemonProcess daemon(stories_daemon_args({"--config", config_dir.file("den.yaml")}));
+  constexpr int kClients = 16;
+  std::string reference;
+  {
+    DaemonClient client(daemon.socket_path());
+    client.call("sessions/create", {{"name", "ref"}});
+    reference = generate_text(client, "ref", greedy("Once upon a time", 200));
+  }
+  std::vector<std::string> outputs(kClients), failures(kClients);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kClients; ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        DaemonClient client(daemon.socket_path());
+        const std::string name = "m" + std::to_string(i);
+        client.call("sessions/create", {{"name", name}});
+        outputs[static_cast<size_t>(i)] = generate_text(client, name, greedy("Once upon a time", 200));
+      } catch (const std::exception& e) {
+        failures[static_cast<size_t>(i)] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kClients; ++i) {
+    INFO("client " << i);
+    CHECK(failures[static_cast<size_t>(i)] == "");
+    CHECK(outputs[static_cast<size_t>(i)] == reference);
+  }
+  DaemonClient client(daemon.socket_path());
+  const json::value stats = client.call("daemon/stats");
+  MESSAGE("engine: " << json::serialize(stats.at("engine")));
+  MESSAGE("memory: " << json::serialize(stats.at("memory")));
+  CHECK(stats.at("engine").at("requests_failed").to_number<int64_t>() == 0);
+}
+
+TEST_CASE("daemon serves Prometheus metrics and reloads limits on SIGHUP") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  TempDir config_dir;
+  const std::string config = config_dir.file("den.yaml");
+  write_file(config, "metrics:\n  listen: \"127.0.0.1:0\"\nlimits:\n  line_bytes: 1MiB\n");
+  DaemonProcess daemon(stories_daemon_args({"--config", config}));
+  {
+    DaemonClient client(daemon.socket_path());
+    client.call("sessions/create", {{"name", "m"}});
+    generate_text(client, "m", greedy("The cat", 8));
+  }
+  // The port the listener got is in the log.
+  const std::string log = daemon.log();
+  const size_t at = log.find("msg=\"metrics listening\"");
+  REQUIRE(at != std::string::npos);
+  const size_t port_at = log.find("port=", at);
+  REQUIRE(port_at != std::string::npos);
+  const int port = std::stoi(log.substr(port_at + 5));
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  const std::string get = "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n";
+  REQUIRE(::write(fd, get.data(), get.size()) == static_cast<ssize_t>(get.size()));
+  std::string response;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) response.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  CHECK(response.starts_with("HTTP/1.1 200"));
+  CHECK(response.find("den_tokens_generated_total 8") != std::string::npos);
+  CHECK(response.find("den_ttft_seconds_bucket{le=\"+Inf\"} 1") != std::string::npos);
+  CHECK(response.find("den_kv_tokens_total{kind=\"computed\"}") != std::string::npos);
+
+  // A 4 KiB request line is fine under the 1 MiB limit, refused after SIGHUP lowers it to 2 KiB.
+  const std::string padded = "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"daemon/stats\"" + std::string(4096, ' ') + "}\n";
+  {
+    DaemonClient client(daemon.socket_path());
+    client.send_raw(padded);
+    const auto reply = client.read_line(std::chrono::seconds(5));
+    REQUIRE(reply.has_value());
+    CHECK(reply->find("\"result\"") != std::string::npos);
+  }
+  write_file(config, "metrics:\n  listen: \"127.0.0.1:0\"\nlimits:\n  line_bytes: 2KiB\n");
+  daemon.kill(SIGHUP);
+  for (int i = 0; i < 100 && daemon.log().find("configuration reloaded") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  REQUIRE(daemon.log().find("configuration reloaded") != std::string::npos);
+  DaemonClient client(daemon.socket_path());
+  client.send_raw(padded);
+  const auto reply = client.read_line(std::chrono::seconds(5));
+  REQUIRE(reply.has_value());
+  CHECK(error_code_of(*reply) == runtime::rpc::limit_exceeded);
 }
 
 TEST_CASE("daemon shuts down on daemon/shutdown with exit code 0") {

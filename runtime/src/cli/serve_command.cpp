@@ -1,4 +1,6 @@
 // `den serve`: the daemon. The configuration file comes first, then the flags override it.
+#include <cstdlib>
+#include <functional>
 #include <memory>
 
 #include "commands.h"
@@ -15,7 +17,8 @@ struct ServeOptions {
   int32_t context = -1;
 };
 
-void run_serve(const ServeOptions& o) {
+// The file's configuration with the flags applied over it (again on every SIGHUP).
+DaemonConfig make_config(const ServeOptions& o) {
   DaemonConfig config = o.config_path.empty() ? DaemonConfig{} : load_config(o.config_path);
   if (!o.model.empty()) config.model = o.model;
   if (!o.backend.empty()) config.backend = o.backend;
@@ -29,7 +32,13 @@ void run_serve(const ServeOptions& o) {
       if (log_level_name(level) == o.log_level) config.log_level = level;
     }
   }
-  const int code = run_daemon(config, o.config_path);
+  return config;
+}
+
+void run_serve(const ServeOptions& o) {
+  std::function<DaemonConfig()> reload;
+  if (!o.config_path.empty()) reload = [o] { return make_config(o); };
+  const int code = run_daemon(make_config(o), reload);
   if (code != 0) std::exit(code);
 }
 
