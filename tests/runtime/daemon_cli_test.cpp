@@ -331,9 +331,12 @@ TEST_CASE("den sessions prints tables, details and one-line errors") {
     } else if (method == "sessions/delete") {
       c.send(result_line(id, json::object{{"deleted", params.at("session")}}));
     } else if (method == "daemon/stats") {
-      c.send(result_line(id, json::object{{"uptime_seconds", 12.5},
+      c.send(result_line(id, json::object{{"uptime_s", 12.5},
                                           {"requests", 40},
-                                          {"tiers", {{"fast", {{"sessions", 2}, {"bytes", 3 << 20}}}}}}));
+                                          {"generated_tokens_per_s", 1.5},
+                                          {"ttft_ms", {{"p50", 75.0}, {"count", 3}}},
+                                          {"memory", {{"fast", {{"sessions", 2}, {"used_bytes", 3 << 20}}},
+                                                      {"bytes_moved", {{"ssd_read", 40960}}}}}}));
     }
   });
 
@@ -369,8 +372,19 @@ TEST_CASE("den sessions prints tables, details and one-line errors") {
 
   const auto stats = run_den({"stats", "--socket", path});
   CHECK(stats.exit_code == 0);
-  CHECK(stats.out.find("uptime seconds: 12.5 s\n") != std::string::npos);
-  CHECK(stats.out.find("tiers:\n  fast:\n    sessions: 2\n    bytes:    3.0 MiB\n") != std::string::npos);
+  CHECK(stats.out ==
+        "uptime s:               12.5 s\n"
+        "requests:               40\n"
+        "generated tokens per s: 1.5/s\n"
+        "ttft ms:\n"
+        "  p50:   75 ms\n"
+        "  count: 3\n"
+        "memory:\n"
+        "  fast:\n"
+        "    sessions:   2\n"
+        "    used bytes: 3.0 MiB\n"
+        "  bytes moved:\n"
+        "    ssd read: 40.0 KiB\n");
   const auto stats_json = run_den({"stats", "--json", "--socket", path});
   CHECK(parse_object(stats_json.out).at("requests").as_int64() == 40);
 }
@@ -617,7 +631,8 @@ TEST_CASE("den sessions, generate, chat and stats against a real den serve") {
   const auto removed = run_den({"sessions", "rm", "foo", "bar", "--socket", socket});
   CHECK_MESSAGE(removed.exit_code == 0, removed.err);
   const auto after = run_den({"sessions", "ls", "--json", "--socket", socket});
-  for (const json::value& s : parse_object(after.out).at("sessions").as_array()) {
+  const json::object remaining = parse_object(after.out);
+  for (const json::value& s : remaining.at("sessions").as_array()) {
     CHECK(s.at("name") != json::value("foo"));
   }
 

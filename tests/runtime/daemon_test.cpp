@@ -451,6 +451,32 @@ TEST_CASE("daemon serves Prometheus metrics and reloads limits on SIGHUP") {
   CHECK(error_code_of(*reply) == runtime::rpc::limit_exceeded);
 }
 
+// systemd's notify protocol: a datagram socket in $NOTIFY_SOCKET receives READY=1 once the
+// socket accepts connections, and STOPPING=1 on the way down.
+TEST_CASE("daemon tells systemd it is ready and stopping") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  TempDir dir;
+  const std::string notify_path = dir.file("notify.sock");
+  const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, notify_path.c_str(), sizeof addr.sun_path - 1);
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  ::setenv("NOTIFY_SOCKET", notify_path.c_str(), 1);
+  std::string received;
+  {
+    DaemonProcess daemon(stories_daemon_args());
+    ::unsetenv("NOTIFY_SOCKET");
+    CHECK(daemon.stop() == 0);
+  }
+  ::unsetenv("NOTIFY_SOCKET");
+  char buf[4096];
+  for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT)) > 0;) received += std::string(buf, static_cast<size_t>(n)) + "|";
+  ::close(fd);
+  CHECK(received.find("READY=1") != std::string::npos);
+  CHECK(received.find("STOPPING=1") != std::string::npos);
+}
+
 TEST_CASE("daemon shuts down on daemon/shutdown with exit code 0") {
   DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
   DaemonProcess daemon(stories_daemon_args());

@@ -337,21 +337,33 @@ void run_move(const MoveOptions& o, Move move) {
 
 // --- stats ------------------------------------------------------------------------------------
 
-// A figure as a person reads it; the unit comes from the key's suffix (docs/PROTOCOL.md names
-// units in keys: _bytes, _seconds, _ms).
-std::string figure(std::string_view key, const json::value& v) {
+enum class Unit { none, bytes, seconds, milliseconds, per_second };
+
+// The unit a key names by its suffix (the daemon names units in keys: _bytes, _s, _ms, _per_s).
+Unit unit_of(std::string_view key) {
+  if (key.ends_with("per_s")) return Unit::per_second;
+  if (key.ends_with("bytes") || key.starts_with("bytes_")) return Unit::bytes;
+  if (key.ends_with("_ms")) return Unit::milliseconds;
+  if (key.ends_with("_s") || key.ends_with("seconds")) return Unit::seconds;
+  return Unit::none;
+}
+
+// A figure as a person reads it, in its key's unit or else its group's (the figures of
+// "bytes_moved" are bytes, those of "ttft_ms" milliseconds; a "count" never has a unit).
+std::string figure(std::string_view key, const json::value& v, Unit group_unit) {
   if (!v.is_number()) return plain(&v);
+  Unit unit = unit_of(key);
+  if (unit == Unit::none && key != "count") unit = group_unit;
   const double x = number_of(&v);
   char buf[48];
-  if (key.ends_with("bytes")) return human_bytes(x);
-  if (key.ends_with("_ms")) {
-    std::snprintf(buf, sizeof buf, "%.1f ms", x);
-  } else if (key.ends_with("seconds") || key.ends_with("_s")) {
-    std::snprintf(buf, sizeof buf, "%.3g s", x);
-  } else {
-    return plain(&v);
+  switch (unit) {
+    case Unit::bytes: return human_bytes(x);
+    case Unit::seconds: std::snprintf(buf, sizeof buf, "%.3g s", x); return buf;
+    case Unit::milliseconds: std::snprintf(buf, sizeof buf, "%.3g ms", x); return buf;
+    case Unit::per_second: std::snprintf(buf, sizeof buf, "%.4g/s", x); return buf;
+    case Unit::none: break;
   }
-  return buf;
+  return plain(&v);
 }
 
 std::string pretty_key(std::string_view key) {
@@ -361,7 +373,7 @@ std::string pretty_key(std::string_view key) {
 }
 
 // Scalars of a group first (aligned key: value lines), then its sub-groups, indented.
-void print_group(const json::object& group, int indent) {
+void print_group(const json::object& group, int indent, Unit unit) {
   const std::string pad(static_cast<size_t>(indent), ' ');
   size_t width = 0;
   for (const auto& [key, value] : group) {
@@ -372,11 +384,11 @@ void print_group(const json::object& group, int indent) {
     std::string text;
     if (const json::array* a = value.if_array()) {
       for (const json::value& item : *a) {
-        text += (text.empty() ? "" : ", ") + (item.is_structured() ? json::serialize(item) : figure(key, item));
+        text += (text.empty() ? "" : ", ") + (item.is_structured() ? json::serialize(item) : figure(key, item, unit));
       }
       if (text.empty()) text = "-";
     } else {
-      text = figure(key, value);
+      text = figure(key, value, unit);
     }
     std::printf("%s%s:%s%s\n", pad.c_str(), pretty_key(key).c_str(), std::string(width - key.size() + 1, ' ').c_str(),
                 text.c_str());
@@ -384,7 +396,8 @@ void print_group(const json::object& group, int indent) {
   for (const auto& [key, value] : group) {
     if (!value.is_object()) continue;
     std::printf("%s%s:\n", pad.c_str(), pretty_key(key).c_str());
-    print_group(value.as_object(), indent + 2);
+    const Unit named = unit_of(key);
+    print_group(value.as_object(), indent + 2, named != Unit::none ? named : unit);
   }
 }
 
@@ -392,7 +405,7 @@ void run_stats(const ClientOptions& o) {
   DaemonClient client(socket_path(o.socket));
   const json::value result = call_daemon(client, "daemon/stats");
   if (o.json) return print_json(result);
-  if (const json::object* groups = result.if_object()) return print_group(*groups, 0);
+  if (const json::object* groups = result.if_object()) return print_group(*groups, 0, Unit::none);
   print_json(result);
 }
 
