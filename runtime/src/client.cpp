@@ -242,8 +242,7 @@ std::string describe_for_user(const RpcCallError& error) {
     case rpc::session_exists: {
       const json::value* name = field(data, "name");
       return "the session name " + (name != nullptr ? quoted(*name) + " " : std::string()) +
-             "is taken or invalid: " + error.what() +
-             " (names are 1-64 characters of A-Z a-z 0-9 . _ -, not s-<digits>; den sessions ls lists the taken ones)";
+             "is taken or invalid: " + error.what() + " (den sessions ls lists the names in use)";
     }
     case rpc::session_busy:
       return "session " + who + " is busy (another request is generating on it or moving it); try again when it is done";
@@ -256,7 +255,7 @@ std::string describe_for_user(const RpcCallError& error) {
       if (tokens != nullptr && context != nullptr) {
         sizes = " (" + json::serialize(*tokens) + " tokens, context " + json::serialize(*context) + ")";
       }
-      return "the context is full" + sizes + ": fork the session with a shorter history or start a new one";
+      return "the context is full" + sizes + ": continue in a new session";
     }
     case rpc::storage_error: {
       const json::value* needed = field(data, "needed_bytes");

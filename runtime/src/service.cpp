@@ -370,11 +370,12 @@ std::vector<int32_t> Service::tokens_to_append(memory::SessionId id, const rpc::
   const bool prompt = generation_prompt && messages.back().role != "assistant";
   chat_turn = prompt;
   if (empty_history) return chat_->tokenize(tok, messages, prompt);
-  // A continuation: render after a stand-in system message and keep what follows it, so the
-  // template's conversation start (BOS, default system prompt) is not repeated.
-  std::vector<engine::ChatMessage> with_stand_in = {{"system", "s"}};
+  // A continuation: render after a stand-in conversation that ends with an assistant turn and
+  // keep what follows it, so the template's conversation start (BOS, default system prompt) is
+  // not repeated and formats that fold the system prompt into the first turn (Llama 2) work.
+  std::vector<engine::ChatMessage> with_stand_in = {{"system", "s"}, {"user", "u"}, {"assistant", "a"}};
   with_stand_in.insert(with_stand_in.end(), messages.begin(), messages.end());
-  const std::string before = chat_->render(std::span(with_stand_in).first(1), false);
+  const std::string before = chat_->render(std::span(with_stand_in).first(3), false);
   const std::string after = chat_->render(with_stand_in, prompt);
   if (!after.starts_with(before)) {
     throw Error(rpc::unsupported, "the " + std::string(chat_->name()) +
@@ -831,7 +832,12 @@ std::string Service::prometheus_text() const {
   out.add_histogram("den_ttft_seconds", "Time to first token of generate requests", e.ttft);
   out.add_histogram("den_time_per_output_token_seconds", "Decode time per generated token", e.time_per_output_token);
   out.add_histogram("den_engine_batch_size", "Sequences per engine step", e.batch_size);
-  gauge("den_sessions", "Sessions in the store", static_cast<double>(m.sessions));
+  int64_t by_tier[4] = {0, 0, 0, 0};
+  for (const memory::SessionInfo& s : sessions_.list()) ++by_tier[static_cast<int>(s.tier)];
+  for (memory::Tier tier : {memory::Tier::fast, memory::Tier::dram, memory::Tier::ssd, memory::Tier::none}) {
+    out.add({"den_sessions", "Sessions by the fastest tier holding all their KV", "gauge",
+             {{"tier", std::string(memory::tier_name(tier))}}, static_cast<double>(by_tier[static_cast<int>(tier)])});
+  }
   out.add({"den_kv_capacity_bytes", "KV pool capacity per tier", "gauge", {{"tier", "fast"}},
            static_cast<double>(m.fast_capacity * block_bytes)});
   out.add({"den_kv_capacity_bytes", "KV pool capacity per tier", "gauge", {{"tier", "dram"}},

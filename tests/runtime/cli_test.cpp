@@ -15,12 +15,12 @@ TEST_CASE("den --version and --help") {
 TEST_CASE("den generate reproduces llama2.c's stories260K output exactly") {
   DEN_SKIP_UNLESS(den::test::file_exists(den::test::stories_model()), "../shared/models/stories260K is absent");
   const auto oracle = den::test::stories_oracle();
-  const auto text = run_den({"generate", "-m", den::test::stories_model(), "-n", "64", "--temp", "0"});
+  const auto text = run_den({"generate", "--local", "-m", den::test::stories_model(), "-n", "64", "--temp", "0"});
   CHECK(text.exit_code == 0);
   CHECK(text.out == oracle.stdout_text);
   CHECK(text.err.find("tok/s") != std::string::npos);  // timings on stderr, not stdout
 
-  const auto ids = run_den({"generate", "-m", den::test::stories_model(), "-n", "64", "--temp", "0", "--ids"});
+  const auto ids = run_den({"generate", "--local", "-m", den::test::stories_model(), "-n", "64", "--temp", "0", "--ids"});
   std::string expected;
   for (int32_t id : oracle.ids) expected += (expected.empty() ? "" : " ") + std::to_string(id);
   CHECK(ids.out == expected + "\n");
@@ -30,7 +30,7 @@ TEST_CASE("den generate with a prompt prints only the continuation") {
   DEN_SKIP_UNLESS(den::test::file_exists(den::test::stories_model()), "../shared/models/stories260K is absent");
   const auto oracle = den::test::stories_oracle();
   // The oracle's story starts "Once upon a time"; greedy continuation must follow it.
-  const auto r = run_den({"generate", "-m", den::test::stories_model(), "-p", "Once upon a time", "-n", "20", "--temp", "0"});
+  const auto r = run_den({"generate", "--local", "-m", den::test::stories_model(), "-p", "Once upon a time", "-n", "20", "--temp", "0"});
   CHECK(r.exit_code == 0);
   const std::string rest = oracle.stdout_text.substr(std::string("Once upon a time").size());
   REQUIRE(r.out.size() > 10);
@@ -51,7 +51,7 @@ TEST_CASE("den tokenize is byte-exact on stdin") {
 }
 
 TEST_CASE("bad input: clear errors, non-zero exit, nothing on stdout") {
-  const auto missing = run_den({"generate", "-m", "/nonexistent/model.gguf"});
+  const auto missing = run_den({"generate", "--local", "-m", "/nonexistent/model.gguf"});
   CHECK(missing.exit_code == 1);
   CHECK(missing.out.empty());
   CHECK(missing.err.find("den: error: cannot open '/nonexistent/model.gguf'") != std::string::npos);
@@ -64,7 +64,7 @@ TEST_CASE("bad input: clear errors, non-zero exit, nothing on stdout") {
 
   const auto usage = run_den({"generate", "--temp"});
   CHECK(usage.exit_code != 0);
-  const auto bad_value = run_den({"generate", "-m", den::test::stories_model(), "--top-p", "0"});
+  const auto bad_value = run_den({"generate", "--local", "-m", den::test::stories_model(), "--top-p", "0"});
   CHECK(bad_value.exit_code == 1);
   CHECK(bad_value.err.find("top_p") != std::string::npos);
 }
@@ -77,7 +77,7 @@ TEST_CASE("den model new writes a runnable random model") {
   const auto info = run_den({"model", "info", path});
   CHECK(info.exit_code == 0);
   CHECK(info.out.find("2 layers, embedding 64") != std::string::npos);
-  const auto gen = run_den({"generate", "-m", path, "-n", "8", "--temp", "0", "--ids"});
+  const auto gen = run_den({"generate", "--local", "-m", path, "-n", "8", "--temp", "0", "--ids"});
   CHECK(gen.exit_code == 0);
   // The same seed writes the same file.
   REQUIRE(run_den({"model", "new", "--shape", "tiny", "--dtype", "f16", "--seed", "3", "-o", dir.file("again.gguf")})
@@ -106,7 +106,7 @@ TEST_CASE("den model new --vocab copies a real tokenizer, and refuses one of the
 TEST_CASE("den chat answers on the default model") {
   const auto model = den::test::default_model();
   DEN_SKIP_UNLESS(model, "the default model (SmolLM2) is not fetched: run scripts/fetch-model");
-  const auto r = run_den({"chat", "--temp", "0", "-n", "32"}, "What is the capital of France?\n");
+  const auto r = run_den({"chat", "--local", "--temp", "0", "-n", "32"}, "What is the capital of France?\n");
   CHECK(r.exit_code == 0);
   CHECK(r.out.find("Paris") != std::string::npos);
 }

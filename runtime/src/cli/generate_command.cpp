@@ -260,7 +260,7 @@ const json::object& object_field(const json::object& o, std::string_view key) {
 
 // sessions/generate's sampling parameters. Without --seed (and not greedy) a seed is drawn
 // here and printed, as in-process generation does, so a run can be repeated; it is kept below
-// 2^63 because JSON peers commonly read integers as int64.
+// 2^53, the integers every JSON peer reads exactly (the daemon refuses larger ones).
 void add_sampling(json::object& params, engine::SamplingParams p, bool seed_given) {
   p.validate();
   params["temperature"] = p.temperature;
@@ -273,7 +273,7 @@ void add_sampling(json::object& params, engine::SamplingParams p, bool seed_give
   params["frequency_penalty"] = p.frequency_penalty;
   if (!seed_given && p.temperature > 0.0f) {
     std::random_device rd;
-    p.seed = ((static_cast<uint64_t>(rd()) << 32) ^ rd()) >> 1;
+    p.seed = ((static_cast<uint64_t>(rd()) << 32) ^ rd()) >> 11;
     std::fprintf(stderr, "seed: %llu\n", static_cast<unsigned long long>(p.seed));
     seed_given = true;
   }
@@ -366,12 +366,15 @@ class CancelOnInterrupt {
  public:
   CancelOnInterrupt(std::string socket_path, std::string session)
       : watcher_([this, path = std::move(socket_path), session = std::move(session)] { watch(path, session); }) {
+    ::sigaction(SIGINT, nullptr, &previous_);
+    // A shell starts background jobs with SIGINT ignored: Ctrl-C is not meant for them.
+    if (previous_.sa_handler == SIG_IGN) return;
     g_interrupt_pipe.store(pipe_.fds[1]);
     struct sigaction action {};
     action.sa_handler = on_sigint;
     action.sa_flags = SA_RESETHAND;
     sigemptyset(&action.sa_mask);
-    ::sigaction(SIGINT, &action, &previous_);
+    ::sigaction(SIGINT, &action, nullptr);
   }
   ~CancelOnInterrupt() {
     ::sigaction(SIGINT, &previous_, nullptr);

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "commands.h"
@@ -401,6 +402,19 @@ void print_group(const json::object& group, int indent, Unit unit) {
   }
 }
 
+// daemon/shutdown, then wait until the socket is gone (the daemon removes it when it stops
+// accepting, and exits once every session is checkpointed).
+void run_stop(const ClientOptions& o) {
+  const std::string path = socket_path(o.socket);
+  {
+    DaemonClient client(path);
+    const json::value result = call_daemon(client, "daemon/shutdown");
+    if (o.json) print_json(result);
+  }
+  for (int i = 0; i < 600 && daemon_listening(path); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  if (!o.json) std::fprintf(stderr, "den: the daemon at %s is stopping (it checkpoints every session, then exits)\n", path.c_str());
+}
+
 void run_stats(const ClientOptions& o) {
   DaemonClient client(socket_path(o.socket));
   const json::value result = call_daemon(client, "daemon/stats");
@@ -489,6 +503,10 @@ void add_sessions_commands(CLI::App& app) {
   CLI::App* stats = app.add_subcommand("stats", "The daemon's counters: requests, tokens, latency, tiers, transfers");
   add_client_options(*stats, *o);
   stats->callback([o] { run_stats(*o); });
+
+  CLI::App* stop = app.add_subcommand("stop", "Stop the daemon: it cancels generations, checkpoints every session and exits");
+  add_client_options(*stop, *o);
+  stop->callback([o] { run_stop(*o); });
 }
 
 }  // namespace den::runtime::cli

@@ -49,7 +49,7 @@ class DaemonClient {
   // Notifications received meanwhile go to on_notification (in arrival order).
   boost::json::value call(std::string_view method, const boost::json::object& params = {},
                           const NotificationHandler& on_notification = {});
-  // The id the next call() will use (to name it in sessions/cancel from another client).
+  // The id the next call() will use: stream and progress notifications name it as `request`.
   int64_t next_id() const { return next_id_; }
   // Sends raw bytes (tests: malformed input) and reads one line back (nullopt on EOF/timeout).
   void send_raw(std::string_view bytes);
