@@ -198,7 +198,7 @@ TEST_CASE("daemon restart after SIGKILL keeps every checkpointed session's KV an
 TEST_CASE("daemon answers bad input with errors while stats stays fast") {
   DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
   TempDir config_dir;
-  write_file(config_dir.file("den.yaml"), "limits:\n  request_seconds: 2\n  line_bytes: 1MiB\n");
+  write_file(config_dir.file("den.yaml"), "limits:\n  request_seconds: 2\n  line_bytes: 1MiB\n  connections: 4\n");
   DaemonProcess daemon(stories_daemon_args({"--config", config_dir.file("den.yaml")}));
 
   std::atomic<bool> done{false};
@@ -278,6 +278,19 @@ TEST_CASE("daemon answers bad input with errors while stats stays fast") {
     CHECK(error_code_of(*reply) == runtime::rpc::request_timeout);
     CHECK_FALSE(slow.read_line(std::chrono::seconds(2)).has_value());  // closed
   }
+  {
+    // limits.connections is 4: the watcher and three more; the fifth is refused with -32007.
+    std::vector<std::unique_ptr<DaemonClient>> held;
+    for (int i = 0; i < 3; ++i) {
+      held.push_back(std::make_unique<DaemonClient>(daemon.socket_path()));
+      held.back()->call("initialize");
+    }
+    DaemonClient refused(daemon.socket_path());
+    const auto reply = refused.read_line(std::chrono::seconds(5));
+    REQUIRE(reply.has_value());
+    CHECK(error_code_of(*reply) == runtime::rpc::limit_exceeded);
+    CHECK_FALSE(refused.read_line(std::chrono::seconds(1)).has_value());  // closed
+  }
   done = true;
   watcher.join();
   CHECK(watcher_error == "");
@@ -292,6 +305,7 @@ TEST_CASE("daemon answers bad input with errors while stats stays fast") {
   const json::value stats = after.call("daemon/stats");
   CHECK(stats.at("connections").at("dropped_slow").to_number<int64_t>() == 1);
   CHECK(stats.at("connections").at("oversized_lines").to_number<int64_t>() == 1);
+  CHECK(stats.at("connections").at("refused_over_limit").to_number<int64_t>() == 1);
   CHECK(daemon.stop() == 0);
 }
 
