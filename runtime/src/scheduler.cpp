@@ -427,6 +427,10 @@ void Scheduler::finish(Sequence& seq, FinishReason reason, std::string error) {
     }
   }
   seq.lease.reset();
+  if (seq.wake_op) {
+    seq.wake_op->wait();  // cancelled while its KV was on the way: let the manager finish first
+    seq.wake_op.reset();
+  }
   if (reason != FinishReason::failed && !seq.job.closing_tokens.empty() && seq.phase != Sequence::Phase::starting) {
     try {
       sessions_.append(seq.job.session, seq.job.closing_tokens);

@@ -125,6 +125,17 @@ void write_stdout(std::string_view text) {
   std::fflush(stdout);
 }
 
+// The next line typed into a chat (a "> " prompt first on a terminal); false at the end of the
+// input or on /exit, /quit.
+bool next_chat_line(bool interactive, std::string& line) {
+  if (interactive) {
+    std::fputs("> ", stdout);
+    std::fflush(stdout);
+  }
+  if (!std::getline(std::cin, line)) return false;
+  return line != "/exit" && line != "/quit";
+}
+
 void report_timings(const GenerationResult& r) {
   const double decode_rate = r.decode_seconds > 0 ? static_cast<double>(r.tokens.size()) / r.decode_seconds : 0.0;
   const double prefill_tokens = r.prompt_tokens - r.reused_tokens;
@@ -208,13 +219,7 @@ void run_chat_local(ChatOptions& o) {
   g.max_new_tokens = o.n_tokens;
   g.sampling = o.sampling;
   std::string line;
-  for (;;) {
-    if (interactive) {
-      std::fputs("> ", stdout);
-      std::fflush(stdout);
-    }
-    if (!std::getline(std::cin, line)) break;
-    if (line == "/exit" || line == "/quit") break;
+  while (next_chat_line(interactive, line)) {
     if (line == "/reset") {
       messages.resize(o.system.empty() ? 0 : 1);
       continue;
@@ -539,13 +544,7 @@ void run_chat_daemon(const ChatOptions& o, const std::string& path) {
                    (name.empty() ? id : name).c_str(), path.c_str());
     }
     std::string line;
-    for (;;) {
-      if (interactive) {
-        std::fputs("> ", stdout);
-        std::fflush(stdout);
-      }
-      if (!std::getline(std::cin, line)) break;
-      if (line == "/exit" || line == "/quit") break;
+    while (next_chat_line(interactive, line)) {
       if (line == "/reset") {
         // A named session keeps its name: delete it and make an empty one under the same name.
         client.call("sessions/delete", {{"session", id}});
