@@ -269,6 +269,26 @@ std::string describe_for_user(const RpcCallError& error) {
       return std::string("a daemon limit was exceeded: ") + error.what() + " (limits are set in the daemon's config)";
     case rpc::unsupported:
       return std::string("not supported by this daemon's configuration: ") + error.what();
+    // The agent errors' messages name the agent already ("no agent 'x'"); `data.agent` may too.
+    case rpc::agent_not_found:
+      return std::string(error.what()) + " (den agent ps lists the agents)";
+    case rpc::agent_exists:
+      return std::string(error.what()) + ": pick another --name, or delete the old one first (den agent rm NAME)";
+    case rpc::agent_invalid:
+      return std::string(error.what()) + " (fix it and spawn again; agents/README.md describes the Lua API)";
+    case rpc::agent_stopped: {
+      // The agent's name: data.agent, else the first quoted word of the message.
+      const json::value* agent = field(data, "agent");
+      std::string name = agent != nullptr && agent->is_string() ? std::string(agent->as_string()) : std::string();
+      const std::string_view message = error.what();
+      if (const size_t open = message.find('\''); name.empty() && open != std::string_view::npos) {
+        const size_t close = message.find('\'', open + 1);
+        if (close != std::string_view::npos) name = std::string(message.substr(open + 1, close - open - 1));
+      }
+      if (name.empty()) return std::string(error.what()) + " (the agent takes no messages now)";
+      return std::string(error.what()) + ": stopped and failed agents take no messages (den agent get " + name +
+             " says why; den agent rm " + name + " and spawn it again)";
+    }
     default:
       return std::string("the daemon refused the request: ") + error.what() + " (error " +
              std::to_string(error.code()) + ")";

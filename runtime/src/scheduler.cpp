@@ -252,9 +252,15 @@ bool Scheduler::step(std::vector<std::unique_ptr<Sequence>>& active) {
   const size_t n = active.size();
   const size_t first = n == 0 ? 0 : round_robin_ % n;
   ++round_robin_;
+  // Round-robin from a rotating start; higher priorities ahead of it.
+  std::vector<Sequence*> order;
+  order.reserve(n);
+  for (size_t k = 0; k < n; ++k) order.push_back(active[(first + k) % n].get());
+  std::stable_sort(order.begin(), order.end(),
+                   [](const Sequence* a, const Sequence* b) { return a->job.priority > b->job.priority; });
   for (int pass = 0; pass < 2; ++pass) {
     for (size_t k = 0; k < n && static_cast<int32_t>(batch.size()) < config.max_batch; ++k) {
-      Sequence& seq = *active[(first + k) % n];
+      Sequence& seq = *order[k];
       if (seq.phase != Sequence::Phase::running || seq.piece_tokens > 0) continue;
       const memory::SessionId id = seq.job.session;
       try {

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
+#include <sstream>
 #include <random>
 #include <thread>
 
@@ -89,10 +91,7 @@ std::vector<engine::ChatMessage> parse_messages(const json::array& array) {
 class Service::BusyGuard {
  public:
   BusyGuard(Service& service, memory::SessionId id) : service_(service), id_(id) {}
-  ~BusyGuard() {
-    std::lock_guard lock(service_.mutex_);
-    service_.busy_.erase(id_);
-  }
+  ~BusyGuard() { service_.claims_.release(id_); }
   BusyGuard(const BusyGuard&) = delete;
   BusyGuard& operator=(const BusyGuard&) = delete;
 
@@ -141,22 +140,22 @@ Service::Service(const DaemonConfig& config, const engine::Model& model, engine:
       model_(model),
       sessions_(sessions),
       backend_name_(std::move(backend_name)),
-      max_context_(config.context > 0 ? config.context : model.config().n_ctx_train) {
-  const engine::Tokenizer& tok = model.tokenizer();
-  chat_ = engine::ChatTemplate::for_model(model.file().get_string_opt("tokenizer.chat_template"), tok);
-  // The text that closes an assistant turn, found by rendering one around a marker.
-  const std::string marker = "@@den-turn-marker@@";
-  const std::vector<engine::ChatMessage> prompt_msgs = {{"system", "s"}, {"user", "u"}};
-  const std::vector<engine::ChatMessage> full_msgs = {{"system", "s"}, {"user", "u"}, {"assistant", marker}};
-  const std::string prompt = chat_->render(prompt_msgs, true);
-  const std::string full = chat_->render(full_msgs, false);
-  const size_t at = full.find(marker);
-  if (full.starts_with(prompt) && at != std::string::npos) {
-    assistant_closing_ = tok.encode(full.substr(at + marker.size()), false, true);
-  }
+      max_context_(config.context > 0 ? config.context : model.config().n_ctx_train),
+      chat_turns_(model) {
   scheduler_ = std::make_unique<Scheduler>(model, backend, sessions, config.scheduler, config.kv.layerwise_wake);
   control_pool_ = std::make_unique<boost::asio::thread_pool>(2);
   operations_pool_ = std::make_unique<boost::asio::thread_pool>(4);
+  const auto tool_timeout = std::chrono::milliseconds(static_cast<int64_t>(config.limits.tool_seconds * 1000));
+  if (!config.tools.empty()) tools_ = std::make_unique<ToolRegistry>(config.tools, tool_timeout);
+  if (!sessions.config().state_dir.empty()) {
+    AgentRuntimeConfig agents;
+    agents.store_path = sessions.config().state_dir / "agents.sqlite";
+    agents.max_context = max_context_;
+    agents.limits.step_seconds = 0.5;  // Lua between two yields; the agent thread is shared
+    agents.tool_timeout = tool_timeout;
+    agents_ = std::make_unique<AgentRuntime>(agents, model, sessions, *scheduler_, chat_turns_, claims_, tools_.get());
+    agents_->start();
+  }
 }
 
 Service::~Service() {
@@ -164,6 +163,10 @@ Service::~Service() {
   wait_quiet();
   control_pool_->join();
   operations_pool_->join();
+  // The agents' generations still in the scheduler call back into the agent runtime.
+  scheduler_->wait_idle();
+  tools_.reset();
+  agents_.reset();
   scheduler_.reset();
 }
 
@@ -203,6 +206,15 @@ void Service::dispatch(ConnectionId connection, rpc::Request request, std::share
       {"models/list", {&Service::models_list, false}},
       {"daemon/stats", {&Service::daemon_stats, false}},
       {"daemon/shutdown", {&Service::daemon_shutdown, false}},
+      {"agents/spawn", {&Service::agents_spawn, true}},
+      {"agents/list", {&Service::agents_list, true}},
+      {"agents/get", {&Service::agents_get, true}},
+      {"agents/send", {&Service::agents_send, false}},
+      {"agents/subscribe", {&Service::agents_subscribe, false}},
+      {"agents/unsubscribe", {&Service::agents_unsubscribe, false}},
+      {"agents/logs", {&Service::agents_logs, false}},
+      {"agents/stop", {&Service::agents_stop, true}},
+      {"agents/delete", {&Service::agents_delete, true}},
   };
   const auto route = routes.find(call->request.method);
   if (route == routes.end()) {
@@ -217,6 +229,16 @@ void Service::dispatch(ConnectionId connection, rpc::Request request, std::share
       return;
     }
   }
+  if (call->request.method == "daemon/stats") {
+    // Answered where it arrives (the io thread): it only reads counters, and it is what
+    // operators and health checks poll while everything else is busy.
+    try {
+      daemon_stats(call);
+    } catch (const Error& e) {
+      call->fail(e);
+    }
+    return;
+  }
   run_on(route->second.slow ? *operations_pool_ : *control_pool_, call, route->second.handler);
 }
 
@@ -228,6 +250,12 @@ void Service::run_on(boost::asio::thread_pool& pool, const std::shared_ptr<Call>
       call->fail(e);
     } catch (const memory::SessionError& e) {
       call->fail(Error(rpc::session_refused, e.what()));
+    } catch (const AgentError& e) {
+      const int code = e.kind() == AgentError::Kind::not_found ? rpc::agent_not_found
+                       : e.kind() == AgentError::Kind::exists  ? rpc::agent_exists
+                       : e.kind() == AgentError::Kind::invalid ? rpc::agent_invalid
+                                                               : rpc::agent_stopped;
+      call->fail(Error(code, e.what()));
     } catch (const std::invalid_argument& e) {
       call->fail(Error(rpc::invalid_params, std::string("invalid params: ") + e.what()));
     } catch (const std::exception& e) {
@@ -238,10 +266,17 @@ void Service::run_on(boost::asio::thread_pool& pool, const std::shared_ptr<Call>
 }
 
 void Service::connection_closed(ConnectionId connection) {
-  std::lock_guard lock(mutex_);
-  for (auto& [key, running] : generates_) {
-    if (key.first == connection) running.handle->cancel();
+  std::vector<uint64_t> subscriptions;
+  {
+    std::lock_guard lock(mutex_);
+    for (auto& [key, running] : generates_) {
+      if (key.first == connection) running.handle->cancel();
+    }
+    auto [first, last] = subscriptions_.equal_range(connection);
+    for (auto it = first; it != last; ++it) subscriptions.push_back(it->second);
+    subscriptions_.erase(connection);
   }
+  for (uint64_t id : subscriptions) agents_->unsubscribe(id);
 }
 
 void Service::begin_shutdown() {
@@ -250,6 +285,8 @@ void Service::begin_shutdown() {
     if (shutting_down_) return;
     shutting_down_ = true;
   }
+  // Agents first: their runs cut off now are re-run after the restart, not journaled as cancelled.
+  if (agents_) agents_->shutdown();
   scheduler_->cancel_all();
 }
 
@@ -329,12 +366,7 @@ std::string Service::session_ref(memory::SessionId id) const { return id_text(id
 
 json::object Service::session_object(memory::SessionId id) const {
   const memory::SessionInfo s = sessions_.info(id);
-  bool generating = false;
-  {
-    std::lock_guard lock(mutex_);
-    auto it = busy_.find(id);
-    generating = it != busy_.end() && it->second == "generating";
-  }
+  const bool generating = claims_.activity(id) == "generating";
   json::object o;
   o["id"] = id_text(id);
   o["name"] = s.name.empty() ? json::value(nullptr) : json::value(s.name);
@@ -369,19 +401,11 @@ std::vector<int32_t> Service::tokens_to_append(memory::SessionId id, const rpc::
   const std::vector<engine::ChatMessage> messages = parse_messages(*array);
   const bool prompt = generation_prompt && messages.back().role != "assistant";
   chat_turn = prompt;
-  if (empty_history) return chat_->tokenize(tok, messages, prompt);
-  // A continuation: render after a stand-in conversation that ends with an assistant turn and
-  // keep what follows it, so the template's conversation start (BOS, default system prompt) is
-  // not repeated and formats that fold the system prompt into the first turn (Llama 2) work.
-  std::vector<engine::ChatMessage> with_stand_in = {{"system", "s"}, {"user", "u"}, {"assistant", "a"}};
-  with_stand_in.insert(with_stand_in.end(), messages.begin(), messages.end());
-  const std::string before = chat_->render(std::span(with_stand_in).first(3), false);
-  const std::string after = chat_->render(with_stand_in, prompt);
-  if (!after.starts_with(before)) {
-    throw Error(rpc::unsupported, "the " + std::string(chat_->name()) +
-                                      " chat template cannot continue a conversation message by message: send 'text'");
+  try {
+    return chat_turns_.tokens(messages, empty_history, prompt);
+  } catch (const std::invalid_argument& e) {
+    throw Error(rpc::unsupported, e.what());
   }
-  return tok.encode(after.substr(before.size()), false, true);
 }
 
 void Service::check_context(memory::SessionId id, size_t adding) const {
@@ -395,11 +419,10 @@ void Service::check_context(memory::SessionId id, size_t adding) const {
 }
 
 void Service::claim(const std::shared_ptr<Call>& call, memory::SessionId id, std::string_view activity) {
-  std::lock_guard lock(mutex_);
-  auto [it, inserted] = busy_.emplace(id, std::string(activity));
-  if (!inserted) {
-    throw Error(rpc::session_busy, "session " + id_text(id) + " is busy (" + it->second + ")",
-                json::object{{"session", id_text(id)}, {"activity", it->second}});
+  std::string holder;
+  if (!claims_.try_claim(id, activity, &holder)) {
+    throw Error(rpc::session_busy, "session " + id_text(id) + " is busy (" + holder + ")",
+                json::object{{"session", id_text(id)}, {"activity", holder}});
   }
   call->busy = std::make_unique<BusyGuard>(*this, id);
 }
@@ -553,7 +576,7 @@ void Service::sessions_generate(const std::shared_ptr<Call>& call) {
   const std::vector<int32_t> prompt = tokens_to_append(id, p, true, chat_turn);
   check_context(id, prompt.size() + 1);  // room for at least one new token
   if (!prompt.empty()) sessions_.append(id, prompt);
-  if (chat_turn) job.closing_tokens = assistant_closing_;
+  if (chat_turn) job.closing_tokens = chat_turns_.assistant_closing();
 
   const std::string request_key = json::serialize(call->request.id);
   if (stream) {
@@ -735,7 +758,7 @@ void Service::models_list(const std::shared_ptr<Call>& call) {
                  {"trained_context_length", c.n_ctx_train},
                  {"vocab_size", c.n_vocab},
                  {"layers", c.n_layers},
-                 {"chat_template", std::string(chat_->name())},
+                 {"chat_template", std::string(chat_turns_.template_name())},
                  {"backend", backend_name_},
                  {"kv_bytes_per_token", sessions_.kv_bytes_per_token()},
                  {"block_tokens", sessions_.config().layout.block_tokens}};
@@ -757,6 +780,150 @@ void Service::daemon_shutdown(const std::shared_ptr<Call>& call) {
     shutdown_requested_ = true;
   }
   if (first && on_shutdown_request) on_shutdown_request();
+}
+
+// --- agents ------------------------------------------------------------------------------
+
+namespace {
+
+AgentRuntime& require_agents(const std::unique_ptr<AgentRuntime>& agents) {
+  if (!agents) throw Error(rpc::unsupported, "agents need a state directory");
+  return *agents;
+}
+
+std::string read_script(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(rpc::invalid_params, "cannot read the script '" + path + "' (the daemon reads it: give an absolute path, or send 'script')");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
+void Service::agents_spawn(const std::shared_ptr<Call>& call) {
+  const rpc::Params p = call->params();
+  p.check_known({"name", "script", "path", "priority", "token_budget"});
+  SpawnRequest request;
+  request.name = p.string("name");
+  if (p.has("script") == p.has("path")) throw Error(rpc::invalid_params, "invalid params: give 'script' (the Lua text) or 'path'");
+  if (p.has("script")) {
+    request.source = p.string("script");
+  } else {
+    request.script_path = p.string("path");
+    request.source = read_script(request.script_path);
+  }
+  request.priority = static_cast<int32_t>(p.integer("priority", 0, -100, 100));
+  request.token_budget = p.integer("token_budget", 0, 0, int64_t{1} << 50);
+  call->ok(require_agents(agents_).spawn(request));
+}
+
+void Service::agents_list(const std::shared_ptr<Call>& call) {
+  call->params().check_known({});
+  call->ok(json::object{{"agents", require_agents(agents_).list()}});
+}
+
+void Service::agents_get(const std::shared_ptr<Call>& call) {
+  const rpc::Params p = call->params();
+  p.check_known({"agent"});
+  call->ok(require_agents(agents_).get(p.string("agent")));
+}
+
+// Queues a message; with wait, answers once the handler has finished, with its replies (and
+// streams the agent's generated text meanwhile when stream is set).
+void Service::agents_send(const std::shared_ptr<Call>& call) {
+  const rpc::Params p = call->params();
+  p.check_known({"agent", "text", "body", "wait", "stream"});
+  AgentRuntime& agents = require_agents(agents_);
+  if (p.has("text") == p.has("body")) throw Error(rpc::invalid_params, "invalid params: give 'text' or 'body'");
+  const json::value body = p.has("text") ? json::value(p.string("text")) : p.raw().at("body");
+  const std::string agent = p.string("agent");
+  const bool wait = p.boolean("wait", false), stream = p.boolean("stream", false);
+  uint64_t subscription = 0;
+  if (wait && stream) {
+    auto seq = std::make_shared<std::atomic<int64_t>>(0);
+    subscription = agents.subscribe(agent, [call, seq](const json::object& event) {
+      if (event.at("kind").as_string() != "text") return;
+      call->replier->notify("agents/stream", {{"request", call->request.id}, {"seq", (*seq)++}, {"text", event.at("text")}});
+    });
+  }
+  int64_t message = 0;
+  try {
+    message = agents.send(agent, "client", body);
+  } catch (...) {
+    if (subscription != 0) agents.unsubscribe(subscription);
+    throw;
+  }
+  if (!wait) {
+    call->ok(json::object{{"message", message}});
+    return;
+  }
+  agents.when_handled(message, [this, call, message, subscription](AgentRuntime::MessageState state) {
+    if (subscription != 0) agents_->unsubscribe(subscription);
+    json::array replies;
+    for (const std::string& r : state.replies) replies.push_back(json::string(r));
+    call->ok(json::object{{"message", message}, {"status", state.status}, {"replies", std::move(replies)}});
+  });
+}
+
+void Service::agents_subscribe(const std::shared_ptr<Call>& call) {
+  const rpc::Params p = call->params();
+  p.check_known({"agent"});
+  auto seq = std::make_shared<std::atomic<int64_t>>(0);
+  auto replier = call->replier;
+  const json::value request = call->request.id;
+  const uint64_t id = require_agents(agents_).subscribe(p.string("agent"), [replier, request, seq](const json::object& event) {
+    json::object params = event;
+    params["request"] = request;
+    params["seq"] = (*seq)++;
+    replier->notify("agents/event", std::move(params));
+  });
+  {
+    std::lock_guard lock(mutex_);
+    subscriptions_.emplace(call->connection, id);
+  }
+  call->ok(json::object{{"subscription", id}});
+}
+
+void Service::agents_unsubscribe(const std::shared_ptr<Call>& call) {
+  const rpc::Params p = call->params();
+  p.check_known({"subscription"});
+  const auto id = static_cast<uint64_t>(p.integer("subscription", 0, 0, int64_t{1} << 53));
+  bool found = false;
+  {
+    std::lock_guard lock(mutex_);
+    auto [first, last] = subscriptions_.equal_range(call->connection);
+    for (auto it = first; it != last; ++it) {
+      if (it->second == id) {
+        subscriptions_.erase(it);
+        found = true;
+        break;
+      }
+    }
+  }
+  if (found) require_agents(agents_).unsubscribe(id);
+  call->ok(json::object{{"unsubscribed", found}});
+}
+
+void Service::agents_logs(const std::shared_ptr<Call>& call) {
+  const rpc::Params p = call->params();
+  p.check_known({"agent", "after", "limit"});
+  call->ok(json::object{{"logs", require_agents(agents_).logs(p.string("agent"), p.integer("after", 0, 0, int64_t{1} << 62),
+                                                              static_cast<int32_t>(p.integer("limit", 100, 1, 1000)))}});
+}
+
+void Service::agents_stop(const std::shared_ptr<Call>& call) {
+  const rpc::Params p = call->params();
+  p.check_known({"agent"});
+  require_agents(agents_).stop(p.string("agent"));
+  call->ok(json::object{{"stopped", p.string("agent")}});
+}
+
+void Service::agents_delete(const std::shared_ptr<Call>& call) {
+  const rpc::Params p = call->params();
+  p.check_known({"agent"});
+  require_agents(agents_).remove(p.string("agent"));
+  call->ok(json::object{{"deleted", p.string("agent")}});
 }
 
 // --- statistics ----------------------------------------------------------------------------
@@ -791,6 +958,7 @@ json::object Service::stats() const {
       {"requests_completed", e.requests_completed},
       {"requests_cancelled", e.requests_cancelled},
       {"requests_failed", e.requests_failed}};
+  if (agents_) o["agents"] = agents_->stats();
   o["ttft_ms"] = quantiles_ms(e.ttft);
   o["time_per_output_token_ms"] = quantiles_ms(e.time_per_output_token);
   o["sessions"] = json::object{{"total", m.sessions}, {"pinned", pinned}, {"by_tier", std::move(by_tier)}};

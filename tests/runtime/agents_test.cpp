@@ -1,1 +1,413 @@
-// (being written)
+// Integration tests of agents through a real daemon (stories260K, CPU backend): handlers and
+// effects, durability across SIGKILL (journaled effects are not repeated), timers across a
+// restart, the sandbox under abuse while other agents carry on, misbehaving tools, and 200
+// agents at once.
+#include <signal.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "daemon_process.h"
+#include "den/runtime/client.h"
+#include "den/runtime/json_rpc.h"
+#include "test_support.h"
+
+namespace den::test {
+namespace {
+
+namespace json = boost::json;
+using runtime::DaemonClient;
+using runtime::RpcCallError;
+using Clock = std::chrono::steady_clock;
+
+std::vector<std::string> agent_daemon_args(std::vector<std::string> more = {}) {
+  std::vector<std::string> args = {"-m", stories_model(), "--backend", "cpu", "--threads", "1"};
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
+std::string repo_path(const std::string& relative) {
+  std::filesystem::path fixtures = std::filesystem::path(fixture_path("")).lexically_normal();
+  if (fixtures.filename().empty()) fixtures = fixtures.parent_path();  // a trailing slash
+  return (fixtures.parent_path().parent_path() / relative).string();
+}
+
+json::value spawn(DaemonClient& client, const std::string& name, const std::string& script) {
+  return client.call("agents/spawn", {{"name", name}, {"script", script}});
+}
+
+json::value send_and_wait(DaemonClient& client, const std::string& agent, const std::string& text) {
+  return client.call("agents/send", {{"agent", agent}, {"text", text}, {"wait", true}});
+}
+
+std::vector<std::string> replies_of(const json::value& sent) {
+  std::vector<std::string> out;
+  for (const json::value& r : sent.at("replies").as_array()) out.emplace_back(r.as_string());
+  return out;
+}
+
+// Polls agents/get until pred holds (or the deadline passes); returns the last answer.
+template <typename Pred>
+json::value wait_for_agent(DaemonClient& client, const std::string& agent, Pred pred, std::chrono::seconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  json::value got;
+  do {
+    got = client.call("agents/get", {{"agent", agent}});
+    if (pred(got)) return got;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  } while (Clock::now() < deadline);
+  return got;
+}
+
+std::string log_text(DaemonClient& client, const std::string& agent) {
+  std::string all;
+  const json::value logs = client.call("agents/logs", {{"agent", agent}, {"limit", 1000}});
+  for (const json::value& line : logs.at("logs").as_array()) {
+    all += std::string(line.at("text").as_string()) + "\n";
+  }
+  return all;
+}
+
+const char* kEchoAgent = R"lua(
+return {
+  on_start = function(ctx) ctx.state.seen = 0 end,
+  on_message = function(ctx, msg)
+    ctx.state.seen = ctx.state.seen + 1
+    ctx:reply(msg, "echo " .. msg.text .. " #" .. ctx.state.seen)
+  end,
+}
+)lua";
+
+TEST_CASE("agents answer messages, keep state and survive a restart") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(agent_daemon_args());
+  {
+    DaemonClient client(daemon.socket_path());
+    const json::value agent = spawn(client, "echo", kEchoAgent);
+    CHECK(agent.at("name").as_string() == "echo");
+    CHECK(replies_of(send_and_wait(client, "echo", "a")) == std::vector<std::string>{"echo a #1"});
+    CHECK(replies_of(send_and_wait(client, "echo", "b")) == std::vector<std::string>{"echo b #2"});
+    // Errors: unknown agent, taken name, a script that does not load (nothing created).
+    CHECK_THROWS_AS(send_and_wait(client, "nobody", "x"), RpcCallError);
+    try {
+      spawn(client, "echo", kEchoAgent);
+      FAIL("a second agent named echo was spawned");
+    } catch (const RpcCallError& e) {
+      CHECK(e.code() == runtime::rpc::agent_exists);
+    }
+    try {
+      spawn(client, "broken", "return {on_message = function(ctx, msg) end");
+      FAIL("a script with a syntax error was spawned");
+    } catch (const RpcCallError& e) {
+      CHECK(e.code() == runtime::rpc::agent_invalid);
+    }
+    CHECK(client.call("agents/list").at("agents").as_array().size() == 1);
+  }
+  daemon.restart();
+  DaemonClient client(daemon.socket_path());
+  CHECK(replies_of(send_and_wait(client, "echo", "c")) == std::vector<std::string>{"echo c #3"});
+  client.call("agents/delete", {{"agent", "echo"}});
+  CHECK(client.call("agents/list").at("agents").as_array().empty());
+}
+
+// The handler generates, then sleeps (durably); the daemon is killed during the sleep. After the
+// restart the run is interrupted, runs again, gets its generation from the journal (the model is
+// not asked again, the KV was checkpointed: 0 tokens recomputed), and replies exactly once.
+TEST_CASE("agents resume a handler cut off by SIGKILL after a generation without repeating it") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(agent_daemon_args());
+  const char* script = R"lua(
+return {
+  on_start = function(ctx) ctx.session:append("user", "Once upon a time") end,
+  on_message = function(ctx, msg)
+    local text = ctx.session:generate{max_tokens = 12, temperature = 0}
+    ctx.log("generated: " .. text)
+    ctx:sleep(3)
+    ctx:reply(msg, text)
+  end,
+}
+)lua";
+  int64_t message = 0;
+  {
+    DaemonClient client(daemon.socket_path());
+    spawn(client, "writer", script);
+    message = client.call("agents/send", {{"agent", "writer"}, {"text", "go"}}).at("message").to_number<int64_t>();
+    // Wait until the generation is logged (the handler then sleeps), then kill.
+    const auto deadline = Clock::now() + std::chrono::seconds(30);
+    while (log_text(client, "writer").find("generated:") == std::string::npos && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    REQUIRE(log_text(client, "writer").find("generated:") != std::string::npos);
+    const json::value agent = client.call("agents/get", {{"agent", "writer"}});
+    CHECK(agent.at("run").at("waiting").as_bool());
+  }
+  daemon.kill(SIGKILL);
+  daemon.wait_exit();
+  daemon.restart();
+  DaemonClient client(daemon.socket_path());
+  const json::value interrupted = client.call("agents/get", {{"agent", "writer"}});
+  CHECK(interrupted.at("runs").as_array().at(0).at("status").as_string() == "interrupted");
+  const json::value done = wait_for_agent(client, "writer", [](const json::value& a) { return a.at("run").is_null(); },
+                                          std::chrono::seconds(30));
+  CHECK(done.at("runs").as_array().at(0).at("status").as_string() == "completed");
+  const json::value sent = client.call("agents/send", {{"agent", "writer"}, {"text", "again"}, {"wait", true}});
+  (void)sent;
+  // The first message got exactly one reply; the model was not asked again for it.
+  std::string log = log_text(client, "writer");
+  size_t generated = 0;
+  for (size_t at = log.find("generated:"); at != std::string::npos; at = log.find("generated:", at + 1)) ++generated;
+  CHECK(generated == 2);  // the first message (once: a replay does not log again) and the second
+  const json::value stats = client.call("daemon/stats");
+  // Since the restart the engine generated for the second message only.
+  CHECK(stats.at("engine").at("requests_completed").to_number<int64_t>() == 1);
+  CHECK(stats.at("memory").at("tokens_recomputed").to_number<int64_t>() == 0);
+  CHECK(stats.at("agents").at("effects_replayed").to_number<int64_t>() >= 1);
+  json::value replies = client.call("agents/get", {{"agent", "writer"}});
+  (void)replies;
+  (void)message;
+}
+
+std::string tools_config(const TempDir& dir) {
+  const std::string server = repo_path("tests/fixtures/tools/misbehaving.py");
+  std::string yaml = "limits:\n  tool_seconds: 1\ntools:\n";
+  yaml += "  - name: counter\n    command: [\"python3\", \"" + server + "\", \"counter\", \"" + dir.file("count") + "\"]\n";
+  for (const char* mode : {"hang", "crash", "garbage"}) {
+    yaml += std::string("  - name: ") + mode + "\n    command: [\"python3\", \"" + server + "\", \"" + mode + "\"]\n";
+  }
+  write_file(dir.file("den.yaml"), yaml);
+  return dir.file("den.yaml");
+}
+
+// The handler calls a tool that counts its calls, then sleeps; the daemon is killed during the
+// sleep. After the restart the handler completes with the journaled result: the tool's own
+// counter shows one call, and there is one reply.
+TEST_CASE("agents resume a handler cut off by SIGKILL after a tool call without calling it again") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DEN_SKIP_UNLESS(std::system("python3 -c pass >/dev/null 2>&1") == 0, "python3 is needed for the test tool server");
+  TempDir dir;
+  DaemonProcess daemon(agent_daemon_args({"--config", tools_config(dir)}));
+  const char* script = R"lua(
+return {
+  on_message = function(ctx, msg)
+    local result, err = den.tools.call("counter.bump", {})
+    ctx.log("bumped: " .. (result and result.text or err))
+    ctx:sleep(3)
+    ctx:reply(msg, "count " .. (result and result.text or err))
+  end,
+}
+)lua";
+  int64_t message = 0;
+  {
+    DaemonClient client(daemon.socket_path());
+    spawn(client, "counter", script);
+    message = client.call("agents/send", {{"agent", "counter"}, {"text", "go"}}).at("message").to_number<int64_t>();
+    const auto deadline = Clock::now() + std::chrono::seconds(30);
+    while (log_text(client, "counter").find("bumped:") == std::string::npos && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    REQUIRE(log_text(client, "counter").find("bumped: 1") != std::string::npos);
+  }
+  daemon.kill(SIGKILL);
+  daemon.wait_exit();
+  daemon.restart();
+  DaemonClient client(daemon.socket_path());
+  wait_for_agent(client, "counter", [](const json::value& a) { return a.at("run").is_null(); }, std::chrono::seconds(30));
+  CHECK(read_file(dir.file("count")) == "1");
+  (void)message;
+  // One reply to the message, with the journaled result.
+  const json::value get = client.call("agents/get", {{"agent", "counter"}});
+  CHECK(get.at("runs").as_array().at(0).at("status").as_string() == "completed");
+  const json::value sent = send_and_wait(client, "counter", "again");
+  CHECK(replies_of(sent) == std::vector<std::string>{"count 2"});
+  CHECK(read_file(dir.file("count")) == "2");
+}
+
+TEST_CASE("agents get clear errors from a tool that hangs, crashes or speaks garbage") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DEN_SKIP_UNLESS(std::system("python3 -c pass >/dev/null 2>&1") == 0, "python3 is needed for the test tool server");
+  TempDir dir;
+  DaemonProcess daemon(agent_daemon_args({"--config", tools_config(dir)}));
+  DaemonClient client(daemon.socket_path());
+  const char* script = R"lua(
+return {
+  on_message = function(ctx, msg)
+    local result, err = den.tools.call(msg.text .. ".misbehave", {})
+    ctx:reply(msg, result and ("result: " .. result.text) or ("error: " .. err))
+  end,
+}
+)lua";
+  spawn(client, "caller", script);
+  for (const char* mode : {"hang", "crash", "garbage"}) {
+    INFO(mode);
+    const std::vector<std::string> replies = replies_of(send_and_wait(client, "caller", mode));
+    REQUIRE(replies.size() == 1);
+    MESSAGE(mode << ": " << replies[0]);
+    CHECK(replies[0].starts_with("error: "));
+  }
+  const std::vector<std::string> unknown = replies_of(send_and_wait(client, "caller", "nosuch"));
+  REQUIRE(unknown.size() == 1);
+  CHECK(unknown[0].starts_with("error: "));
+  // The tools still listed, the daemon fine.
+  CHECK(daemon.running());
+}
+
+TEST_CASE("agents timers fire, also those that fell due while the daemon was down") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(agent_daemon_args());
+  const char* watcher = R"lua(
+return {
+  on_start = function(ctx)
+    ctx.state.ticks = 0
+    ctx:schedule(0.2, {period = 0.2})
+  end,
+  on_timer = function(ctx, payload)
+    ctx.state.ticks = ctx.state.ticks + 1
+    ctx.log("tick " .. ctx.state.ticks)
+    ctx:schedule(payload.period, payload)
+  end,
+}
+)lua";
+  {
+    DaemonClient client(daemon.socket_path());
+    spawn(client, "watcher", watcher);
+    const json::value a = wait_for_agent(
+        client, "watcher", [](const json::value& v) { return v.at("state").at("ticks").to_number<int64_t>() >= 3; },
+        std::chrono::seconds(20));
+    CHECK(a.at("state").at("ticks").to_number<int64_t>() >= 3);
+  }
+  CHECK(daemon.stop() == 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // a timer falls due while it is down
+  daemon.restart();
+  DaemonClient client(daemon.socket_path());
+  const int64_t before = client.call("agents/get", {{"agent", "watcher"}}).at("state").at("ticks").to_number<int64_t>();
+  const json::value a = wait_for_agent(
+      client, "watcher", [&](const json::value& v) { return v.at("state").at("ticks").to_number<int64_t>() >= before + 3; },
+      std::chrono::seconds(20));
+  CHECK(a.at("state").at("ticks").to_number<int64_t>() >= before + 3);
+}
+
+// Each hostile script is refused or stopped with a clear error for its agent; a well-behaved
+// agent keeps answering and daemon/stats stays fast throughout.
+TEST_CASE("agents sandbox refuses hostile code while other agents carry on") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(agent_daemon_args());
+  DaemonClient client(daemon.socket_path());
+  spawn(client, "echo", kEchoAgent);
+
+  std::atomic<bool> done{false};
+  std::vector<double> latencies_ms;
+  std::thread watcher([&] {
+    DaemonClient stats(daemon.socket_path());
+    while (!done.load()) {
+      const auto t0 = Clock::now();
+      stats.call("daemon/stats");
+      latencies_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  });
+
+  const std::vector<std::pair<std::string, std::string>> corpus = {
+      {"os_execute", "os.execute('touch /tmp/den-pwned')"},
+      {"io_open", "io.open('/etc/passwd')"},
+      {"require", "require('os')"},
+      {"binary_chunk", "assert(load('\\27Lua\\84\\0'))()"},
+      {"string_dump", "string.dump(function() end)"},
+      {"debug", "debug.getinfo(1)"},
+      {"setmetatable_G", "setmetatable(_G, {})"},
+      {"string_metatable", "getmetatable('').__index = {}"},
+      {"global_write", "x = 1"},
+      {"collectgarbage", "collectgarbage('stop')"},
+      {"memory_bomb", "local s = string.rep('x', 1 << 30)"},
+      {"table_bomb", "local t = {} for i = 1, 1e9 do t[i] = i end"},
+      {"infinite_loop", "while true do end"},
+      {"loop_in_pcall", "while true do pcall(function() while true do end end) end"},
+  };
+  for (const auto& [name, code] : corpus) {
+    INFO(name);
+    const std::string script = "return { on_message = function(ctx, msg)\n" + code + "\nctx:reply(msg, 'escaped') end }";
+    spawn(client, name, script);
+    const json::value sent = send_and_wait(client, name, "go");
+    CHECK(sent.at("status").as_string() == "failed");
+    CHECK(replies_of(sent).empty());
+    const std::string log = log_text(client, name);
+    CHECK(log.find("on_message failed") != std::string::npos);
+    MESSAGE(name << ": " << log.substr(0, log.find('\n')));
+    // The well-behaved agent still answers.
+    CHECK(replies_of(send_and_wait(client, "echo", name)).size() == 1);
+  }
+  done = true;
+  watcher.join();
+  CHECK_FALSE(file_exists("/tmp/den-pwned"));
+  std::sort(latencies_ms.begin(), latencies_ms.end());
+  REQUIRE(!latencies_ms.empty());
+  const double p99 = latencies_ms[latencies_ms.size() * 99 / 100];
+  MESSAGE("daemon/stats during the corpus: " << latencies_ms.size() << " calls, p99 " << p99 << " ms");
+  CHECK(p99 <= 100.0);
+  CHECK(daemon.running());
+}
+
+TEST_CASE("agents 200 spawned at once each answer a message") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(agent_daemon_args());
+  constexpr int kAgents = 200;
+  constexpr auto kBound = std::chrono::seconds(60);  // per agent, from spawn to its reply, on a 2-core CI machine
+  const char* script = R"lua(
+return {
+  on_start = function(ctx) ctx.session:append("user", "Once upon a time") end,
+  on_message = function(ctx, msg)
+    local text = ctx.session:generate{max_tokens = 4, temperature = 0}
+    ctx:reply(msg, text)
+  end,
+}
+)lua";
+  std::atomic<bool> done{false};
+  std::vector<double> latencies_ms;
+  std::thread watcher([&] {
+    DaemonClient stats(daemon.socket_path());
+    while (!done.load()) {
+      const auto t0 = Clock::now();
+      stats.call("daemon/stats");
+      latencies_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  });
+  std::vector<std::thread> threads;
+  std::vector<std::string> failures(kAgents);
+  std::vector<double> seconds(kAgents);
+  const auto t0 = Clock::now();
+  for (int i = 0; i < kAgents; ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        DaemonClient client(daemon.socket_path());
+        const auto start = Clock::now();
+        const std::string name = "agent" + std::to_string(i);
+        spawn(client, name, script);
+        const json::value sent = send_and_wait(client, name, "hello");
+        seconds[static_cast<size_t>(i)] = std::chrono::duration<double>(Clock::now() - start).count();
+        if (replies_of(sent).size() != 1) failures[static_cast<size_t>(i)] = "no reply";
+      } catch (const std::exception& e) {
+        failures[static_cast<size_t>(i)] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  done = true;
+  watcher.join();
+  const double total = std::chrono::duration<double>(Clock::now() - t0).count();
+  for (int i = 0; i < kAgents; ++i) {
+    INFO("agent " << i);
+    CHECK(failures[static_cast<size_t>(i)] == "");
+    CHECK(seconds[static_cast<size_t>(i)] < static_cast<double>(kBound.count()));
+  }
+  std::sort(latencies_ms.begin(), latencies_ms.end());
+  const double p99 = latencies_ms[latencies_ms.size() * 99 / 100];
+  MESSAGE(kAgents << " agents: all answered in " << total << " s (slowest " << *std::max_element(seconds.begin(), seconds.end())
+                  << " s); daemon/stats p99 " << p99 << " ms over " << latencies_ms.size() << " calls");
+  CHECK(p99 <= 100.0);
+}
+
+}  // namespace
+}  // namespace den::test

@@ -18,6 +18,8 @@ void add_serve_command(CLI::App& app);
 // `den sessions ls|show|pin|unpin|checkpoint|hibernate|wake|rm` and `den stats`: clients of
 // the daemon's socket.
 void add_sessions_commands(CLI::App& app);
+// `den agent spawn|send|attach|ps|logs|get|stop|rm`: the daemon's Lua agents.
+void add_agent_commands(CLI::App& app);
 
 // --temp, --top-k, --top-p, --min-p, --repeat-penalty, --repeat-last-n, --presence-penalty,
 // --frequency-penalty, --seed. `seed_given` tells whether --seed was on the command line.

@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   den::runtime::cli::add_bench_commands(app);
   den::runtime::cli::add_serve_command(app);
   den::runtime::cli::add_sessions_commands(app);
+  den::runtime::cli::add_agent_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -10,8 +10,17 @@
 //     timer's firing, and the journal's removal in ONE transaction;
 //   - at startup, interrupt_running() turns every run left `running` into `interrupted` and
 //     returns them: the host runs their handler again with the same journal.
-// Every method throws StoreError (a std::runtime_error naming the statement and SQLite's
+// Every method throws AgentStoreError (a std::runtime_error naming the statement and SQLite's
 // message) and leaves the store unchanged when it fails. Thread-safe (one connection, a mutex).
+//
+// Invariants the schema enforces (a violation throws): every *_json argument is valid JSON text
+// (CHECK json_valid: "{}", "42", "\"text\"", never ""); agent status is active | stopped |
+// failed. Ids are never reused (AUTOINCREMENT), so an id seen once names one row forever and
+// "after_id" cursors never skip. Timestamps are unix seconds from the system clock, stamped by
+// the store (the created_at, started_at... fields of the records passed in are ignored).
+// A message or timer that is the trigger of a run that is running or interrupted is "being
+// handled": next_queued_message(), queued_messages(), due_timers() and next_timer_due() skip it,
+// so the host never begins a second run for it.
 #pragma once
 
 #include <cstdint>
@@ -103,11 +112,17 @@ class AgentStore {
   AgentStore(const AgentStore&) = delete;
   AgentStore& operator=(const AgentStore&) = delete;
 
+  static constexpr int kSchemaVersion = 1;  // PRAGMA user_version this build writes
+  int schema_version() const;
+  static constexpr int kLogLinesPerAgent = 1000;  // append_log keeps the newest ones
+  // Write methods that name an agent, message or run throw when it does not exist (readers
+  // answer nullopt or nothing).
+
   // Agents. create_agent throws AgentStoreError when the name is taken.
   int64_t create_agent(const AgentRecord& agent);
   std::optional<AgentRecord> find_agent(std::string_view name) const;
   std::optional<AgentRecord> agent(int64_t id) const;
-  std::vector<AgentRecord> agents() const;
+  std::vector<AgentRecord> agents() const;  // by id
   void set_agent_status(int64_t id, std::string_view status, std::string_view error);
   void add_tokens_used(int64_t id, int64_t tokens);
   // Deletes the agent and everything of it (messages, runs, journal, timers, replies, logs).
@@ -115,20 +130,27 @@ class AgentStore {
 
   // Messages.
   int64_t enqueue_message(int64_t agent, std::string_view sender, std::string_view body_json);
+  // The oldest queued message that no running or interrupted run is handling.
   std::optional<MessageRecord> next_queued_message(int64_t agent) const;  // oldest queued
   std::optional<MessageRecord> message(int64_t id) const;
-  int64_t queued_messages(int64_t agent) const;
+  int64_t queued_messages(int64_t agent) const;  // the waiting ones: queued, not being handled
 
   // Runs and the journal.
+  // message_id / timer_id: 0 when none; a given one must be the agent's queued message /
+  // pending timer. The run starts `running`. Journal writes, complete_run and fail_run need a
+  // live run (running or interrupted); on a finished one they throw.
   int64_t begin_run(int64_t agent, std::string_view trigger, int64_t message_id, int64_t timer_id);
   std::optional<RunRecord> run(int64_t id) const;
-  std::vector<RunRecord> runs(int64_t agent, int32_t limit) const;  // newest first
+  std::vector<RunRecord> runs(int64_t agent, int32_t limit) const;  // newest first; limit <= 0: all
   std::vector<JournalEntry> journal(int64_t run) const;             // by seq
   // An effect with no store side: its intent before it starts, its result once it has one.
+  // journal_intent on a (run, seq) journaled with the same kind changes nothing (a replay); with
+  // another kind it throws (the replay diverged). journal_result needs the entry.
   void journal_intent(int64_t run, int32_t seq, std::string_view kind, std::string_view intent_json);
   void journal_result(int64_t run, int32_t seq, std::string_view result_json);
   // Effects on the store, each in one transaction with its journal entry (result = the new id);
-  // when (run, seq) is journaled already they change nothing and return the recorded id.
+  // when (run, seq) is journaled already they change nothing and return the recorded id; when it
+  // is journaled with another kind they throw (the replay diverged). reply's message_id may be 0.
   int64_t journaled_send(int64_t run, int32_t seq, int64_t to_agent, std::string_view sender, std::string_view body_json);
   int64_t journaled_reply(int64_t run, int32_t seq, int64_t message_id, int64_t agent, std::string_view text);
   int64_t journaled_timer(int64_t run, int32_t seq, int64_t agent, double due_at, std::string_view payload_json);
@@ -142,20 +164,23 @@ class AgentStore {
   std::vector<RunRecord> interrupt_running();
   // The runs still to finish after a restart (interrupted ones are re-run until they complete).
   std::vector<RunRecord> interrupted_runs() const;
-  void mark_run_running(int64_t run);  // an interrupted run being re-run
+  // An interrupted run being re-run: its status says so again and interrupted_runs() no longer
+  // lists it. A running one stays; any other status throws.
+  void mark_run_running(int64_t run);
 
   // Timers.
+  // due_timers and next_timer_due skip timers being handled (see the top).
   std::vector<TimerRecord> due_timers(double now) const;  // pending with due_at <= now, oldest first
   std::optional<double> next_timer_due() const;           // earliest pending
-  std::vector<TimerRecord> timers(int64_t agent) const;   // pending ones
+  std::vector<TimerRecord> timers(int64_t agent) const;   // pending ones (handled or not), by due_at
 
   // Replies (what agents answered to messages).
-  std::vector<ReplyRecord> replies_to(int64_t message_id) const;
-  std::vector<ReplyRecord> replies_after(int64_t agent, int64_t after_id) const;  // for subscribers
+  std::vector<ReplyRecord> replies_to(int64_t message_id) const;                   // by id
+  std::vector<ReplyRecord> replies_after(int64_t agent, int64_t after_id) const;  // for subscribers, by id
 
   // Logs: kept per agent up to a bound (older lines are dropped).
   void append_log(int64_t agent, std::string_view level, std::string_view text);
-  std::vector<LogRecord> logs(int64_t agent, int64_t after_id, int32_t limit) const;
+  std::vector<LogRecord> logs(int64_t agent, int64_t after_id, int32_t limit) const;  // by id; limit <= 0: all
 
  private:
   struct Impl;

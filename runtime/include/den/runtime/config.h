@@ -51,6 +51,7 @@ struct LimitsConfig {
   int32_t sessions = 10000;           // sessions in the store
   double request_seconds = 30;        // a started line must be complete within this
   int64_t client_buffer_bytes = 16 << 20;  // unread output a client may leave before it is dropped
+  double tool_seconds = 30;           // an agent's tool call fails with a timeout after this
 };
 
 struct SchedulerConfig {

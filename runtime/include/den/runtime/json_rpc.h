@@ -37,6 +37,10 @@ enum ErrorCode : int {
   unsupported = -32008,        // e.g. hibernate to ssd without an SSD tier
   request_timeout = -32009,    // a line was not completed in time
   session_refused = -32010,    // the memory manager refused (pinned session hibernated, no room to pin, ...)
+  agent_not_found = -32011,
+  agent_exists = -32012,       // the name is taken
+  agent_invalid = -32013,      // the name is invalid or the script does not load
+  agent_stopped = -32014,      // stopped or failed agents take no messages
 };
 
 // An error to send back. `data` is null or an object with details.

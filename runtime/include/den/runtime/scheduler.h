@@ -50,6 +50,7 @@ struct GenerateJob {
   GenerationOptions options;
   int32_t max_context = 0;                 // the history may not grow past this
   std::vector<int32_t> closing_tokens;     // appended to the history at the end (a chat turn's end)
+  int32_t priority = 0;                    // higher goes first when a step cannot take everyone
   std::function<void(std::string_view text)> on_text;       // engine thread; text is final
   std::function<void(GenerateOutcome outcome)> on_done;     // engine thread; exactly once
 };

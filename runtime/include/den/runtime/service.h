@@ -24,9 +24,13 @@
 #include "den/engine/chat_template.h"
 #include "den/engine/model.h"
 #include "den/memory/session_manager.h"
+#include "den/runtime/agent_runtime.h"
+#include "den/runtime/chat_turns.h"
 #include "den/runtime/config.h"
 #include "den/runtime/json_rpc.h"
 #include "den/runtime/scheduler.h"
+#include "den/runtime/session_claims.h"
+#include "den/runtime/tools.h"
 
 namespace boost::asio {
 class thread_pool;
@@ -114,6 +118,15 @@ class Service {
   void models_list(const std::shared_ptr<Call>& call);
   void daemon_stats(const std::shared_ptr<Call>& call);
   void daemon_shutdown(const std::shared_ptr<Call>& call);
+  void agents_spawn(const std::shared_ptr<Call>& call);
+  void agents_list(const std::shared_ptr<Call>& call);
+  void agents_get(const std::shared_ptr<Call>& call);
+  void agents_send(const std::shared_ptr<Call>& call);
+  void agents_subscribe(const std::shared_ptr<Call>& call);
+  void agents_unsubscribe(const std::shared_ptr<Call>& call);
+  void agents_logs(const std::shared_ptr<Call>& call);
+  void agents_stop(const std::shared_ptr<Call>& call);
+  void agents_delete(const std::shared_ptr<Call>& call);
 
   DaemonConfig config_;  // limits/scheduler parts change on reload (config_mutex_)
   mutable std::mutex config_mutex_;
@@ -121,19 +134,21 @@ class Service {
   memory::SessionManager& sessions_;
   std::string backend_name_;
   int32_t max_context_;
-  std::optional<engine::ChatTemplate> chat_;
-  std::vector<int32_t> assistant_closing_;  // the tokens that end an assistant turn
+  ChatTurns chat_turns_;
+  SessionClaims claims_;
   std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<AgentRuntime> agents_;  // before tools_: the tools go first, failing calls in flight
+  std::unique_ptr<ToolRegistry> tools_;
   std::unique_ptr<boost::asio::thread_pool> control_pool_, operations_pool_;
 
   mutable std::mutex mutex_;
   std::condition_variable quiet_;
-  std::map<memory::SessionId, std::string> busy_;  // session -> what runs on it
   struct RunningGenerate {
     memory::SessionId session;
     std::shared_ptr<GenerateHandle> handle;
   };
   std::map<std::pair<ConnectionId, std::string>, RunningGenerate> generates_;  // (connection, request id)
+  std::multimap<ConnectionId, uint64_t> subscriptions_;  // agent subscriptions per connection
   int64_t in_flight_ = 0;
   bool shutting_down_ = false;
   bool shutdown_requested_ = false;
