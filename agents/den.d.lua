@@ -140,7 +140,7 @@ local DenTools = {}
 ---@return ToolInfo[]
 function DenTools.list() end
 
----Calls a tool and waits for its result (30 s timeout). Journaled: a replay returns the
+---Calls a tool and waits for its result (timeout: the config's limits.tool_seconds, 30 s by default). Journaled: a replay returns the
 ---recorded result without calling again.
 ---@param name string          # "<server>.<tool>"
 ---@param arguments? table     # the tool's arguments (an object)

@@ -432,8 +432,13 @@ void Service::wait_operation(const std::shared_ptr<Call>& call, memory::SessionI
   const auto t0 = std::chrono::steady_clock::now();
   const bool progress = call->params().boolean("progress", false);
   int64_t seq = 0, last_reported = -1;
+  auto last_sent = std::chrono::steady_clock::now() - std::chrono::seconds(1);
   while (op->state() == memory::Operation::State::queued || op->state() == memory::Operation::State::running) {
-    if (progress && op->done_bytes() != last_reported) {
+    const auto now = std::chrono::steady_clock::now();
+    // At most ten a second, and only once the operation knows how much it moves.
+    if (progress && op->total_bytes() > 0 && op->done_bytes() != last_reported &&
+        now - last_sent >= std::chrono::milliseconds(100)) {
+      last_sent = now;
       last_reported = op->done_bytes();
       call->replier->notify("sessions/progress", {{"request", call->request.id}, {"seq", seq++},
                                                   {"done_bytes", op->done_bytes()}, {"total_bytes", op->total_bytes()}});
@@ -461,7 +466,7 @@ void Service::initialize(const std::shared_ptr<Call>& call) {
       {"denProtocol", kDenProtocol},
       {"capabilities",
        {{"sessions", {{"streaming", true}, {"logprobs", true}, {"cancel", true}}}, {"models", json::object{}},
-        {"agents", false}}}});
+        {"agents", true}}}});
 }
 
 void Service::sessions_create(const std::shared_ptr<Call>& call) {

@@ -92,7 +92,7 @@ bool wait_for_text(const std::string& path, const std::string& part, std::chrono
 
 TEST_CASE("den agent spawn, send, ps, get, logs, attach and rm with the example assistant") {
   DEN_SKIP_UNLESS(den::test::file_exists(den::test::stories_model()), "../shared/models/stories260K is absent");
-  den::test::DaemonProcess daemon({"-m", den::test::stories_model(), "--backend", "cpu"});
+  den::test::DaemonProcess daemon({"-m", den::test::stories_model(), "--backend", "cpu", "--threads", "1"});
   INFO("den serve's output:\n" << daemon.log());
   const std::string socket = daemon.socket_path();
 
@@ -172,7 +172,7 @@ TEST_CASE("den agent spawn, send, ps, get, logs, attach and rm with the example 
 
 TEST_CASE("den agent error lines: unknown agent, name taken, bad script, failing handler, stopped agent") {
   DEN_SKIP_UNLESS(den::test::file_exists(den::test::stories_model()), "../shared/models/stories260K is absent");
-  den::test::DaemonProcess daemon({"-m", den::test::stories_model(), "--backend", "cpu"});
+  den::test::DaemonProcess daemon({"-m", den::test::stories_model(), "--backend", "cpu", "--threads", "1"});
   INFO("den serve's output:\n" << daemon.log());
   const std::string socket = daemon.socket_path();
 
