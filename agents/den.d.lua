@@ -114,7 +114,8 @@ function Ctx:sleep(seconds) end
 function Ctx:schedule(when, payload) end
 
 ---One line in the agent's log (`den agent logs`): the arguments, tostring'ed, space-separated.
----Also callable as ctx.log(...). Not journaled: a replayed handler logs again.
+---Also callable as ctx.log(...). A replayed handler does not log again the lines it logged
+---before its last recorded effect.
 ---@param ... any
 function Ctx:log(...) end
 

@@ -99,6 +99,7 @@ struct AgentRuntime::Impl {
     std::unique_ptr<lua::Sandbox> sandbox;
     std::unique_ptr<Run> run;
     std::deque<RunRecord> interrupted;  // to re-run, oldest first
+    bool context_full_handled = false;  // on_context_full ran for the current fullness
   };
 
   AgentRuntimeConfig config;
@@ -221,6 +222,7 @@ struct AgentRuntime::Impl {
     set_function(L, a, "pin", &l_session_pin);
     set_function(L, a, "unpin", &l_session_unpin);
     set_function(L, a, "checkpoint", &l_session_checkpoint);
+    set_function(L, a, "compact", &l_session_compact);
     lua_setfield(L, -2, "session");
     set_function(L, a, "send", &l_send);
     set_function(L, a, "reply", &l_reply);
@@ -587,6 +589,18 @@ struct AgentRuntime::Impl {
                              std::to_string(tokens.size()) + " tokens");
   }
 
+  // ctx.session:compact([keep_tokens]): the default context policy, now: the first turn and
+  // the most recent turns that fit in keep_tokens (default half the context).
+  static int l_session_compact(lua_State* L) {
+    Agent& a = agent_of(L);
+    const lua_Integer keep = luaL_optinteger(L, 2, a.impl->config.max_context / 2);
+    return lua_guarded(L, [&] {
+      a.impl->compact(a, static_cast<int32_t>(std::max<lua_Integer>(0, a.impl->config.max_context / 2 - keep)));
+      lua_pushinteger(L, a.impl->sessions.info(a.record.session).tokens);
+      return 1;
+    });
+  }
+
   static int l_session_fork(lua_State* L) {
     Agent& a = agent_of(L);
     const std::string name = luaL_optstring(L, 2, "");
@@ -950,13 +964,18 @@ struct AgentRuntime::Impl {
       // Idle: when the conversation nears the context, on_context_full (or the default policy).
       const int32_t length = sessions.info(a.record.session).tokens;
       if (length > config.max_context * 3 / 4) {
-        if (a.sandbox->push_handler("on_context_full")) {
+        // The agent's own policy first; if the context is still that full after it, the default.
+        if (!a.context_full_handled && a.sandbox->push_handler("on_context_full")) {
           lua_pop(a.sandbox->state(), 1);
+          a.context_full_handled = true;
           const int64_t run = store.begin_run(id, "context_full", 0, 0);
           start_run(a, *store.run(run));
         } else {
+          a.context_full_handled = false;
           compact(a, config.max_context / 4);
         }
+      } else {
+        a.context_full_handled = false;
       }
     } catch (const std::exception& e) {
       log_error("agent could not start a run", {{"agent", a.record.name}, {"error", e.what()}});

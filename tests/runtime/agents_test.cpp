@@ -349,6 +349,42 @@ TEST_CASE("agents sandbox refuses hostile code while other agents carry on") {
   CHECK(daemon.running());
 }
 
+// A 256-token context and a conversation that outgrows it: the default policy keeps the first
+// turn and the recent ones, and the agent keeps answering.
+TEST_CASE("agents keep answering when the conversation outgrows the context") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(agent_daemon_args({"--ctx", "256"}));
+  DaemonClient client(daemon.socket_path());
+  const char* script = R"lua(
+return {
+  on_start = function(ctx) ctx.session:append("system", "You tell stories.") end,
+  on_message = function(ctx, msg)
+    ctx.session:append("user", msg.text)
+    local text = ctx.session:generate{max_tokens = 40, temperature = 0}
+    ctx:reply(msg, text)
+  end,
+}
+)lua";
+  spawn(client, "teller", script);
+  for (int i = 0; i < 12; ++i) {
+    INFO("message " << i);
+    const json::value sent = send_and_wait(client, "teller", "Once upon a time there was a cat number " + std::to_string(i));
+    CHECK(sent.at("status").as_string() == "done");
+    CHECK(replies_of(sent).size() == 1);
+  }
+  CHECK(log_text(client, "teller").find("context nearly full") != std::string::npos);
+  const json::value agent = client.call("agents/get", {{"agent", "teller"}});
+  const json::value session = client.call("sessions/get", {{"session", agent.at("session")}, {"text", true}});
+  CHECK(session.at("tokens").to_number<int64_t>() <= 256);
+  // The first turn and the last are still there. (stories260K's Llama 2 template folds a
+  // system prompt into the first user turn, and renders nothing for a system message alone.)
+  const std::string text(session.at("text").as_string());
+  INFO(text);
+  CHECK(text.find("cat number 0 ") != std::string::npos);
+  CHECK(text.find("cat number 11 ") != std::string::npos);
+  CHECK(text.find("cat number 5 ") == std::string::npos);
+}
+
 TEST_CASE("agents 200 spawned at once each answer a message") {
   DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
   DaemonProcess daemon(agent_daemon_args());
