@@ -314,19 +314,13 @@ struct AgentRuntime::Impl {
   static int l_tools_call(lua_State* L) {
     Agent& a = agent_of(L);
     const std::string name = luaL_checkstring(L, 1);
-    json::object args;
-    if (!lua_isnoneornil(L, 2)) {
-      json::value v = lua::to_json(L, 2, "arguments");
-      if (!v.is_object()) {
-        if (v.is_array() && v.as_array().empty()) {
-          v = json::object{};
-        } else {
-          return luaL_error(L, "den.tools.call: arguments must be a table with string keys");
-        }
-      }
-      args = v.as_object();
-    }
     return lua_guarded(L, [&]() -> int {
+      json::object args;
+      if (!lua_isnoneornil(L, 2)) {
+        const json::value v = lua::to_json(L, 2, "arguments");
+        if (!v.is_object()) throw std::invalid_argument("den.tools.call: arguments must be a table with string keys");
+        args = v.as_object();
+      }
       Impl& impl = *a.impl;
       const int32_t seq = a.run->next_seq++;
       const JournalEntry* e = replayed(a, seq, "tool");
@@ -670,8 +664,8 @@ struct AgentRuntime::Impl {
     Agent& a = agent_of(L);
     const std::string to = luaL_checkstring(L, 2);
     luaL_checkany(L, 3);
-    json::value body = lua::to_json(L, 3, "message");
     return lua_guarded(L, [&] {
+      const json::value body = lua::to_json(L, 3, "message");
       Impl& impl = *a.impl;
       const int32_t seq = a.run->next_seq++;
       const Agent& target = impl.agent_by_name(to);
@@ -760,8 +754,8 @@ struct AgentRuntime::Impl {
     } else {
       due = unix_now() + luaL_checknumber(L, 2);
     }
-    json::value payload = lua_isnoneornil(L, 3) ? json::value(nullptr) : lua::to_json(L, 3, "payload");
     return lua_guarded(L, [&] {
+      const json::value payload = lua_isnoneornil(L, 3) ? json::value(nullptr) : lua::to_json(L, 3, "payload");
       Impl& impl = *a.impl;
       const int32_t seq = a.run->next_seq++;
       const int64_t id = impl.store.journaled_timer(a.run->record.id, seq, a.record.id, due, json::serialize(payload));
