@@ -570,9 +570,13 @@ struct AgentRuntime::Impl {
     const size_t keep_front = boundaries.empty() ? 0 : boundaries.front();
     const auto budget = static_cast<size_t>(std::max<int64_t>(0, config.max_context / 2 - room));
     size_t cut = tokens.size() > budget ? tokens.size() - budget : keep_front;
-    // Start the kept tail at a turn boundary.
+    // Start the kept tail at a turn boundary; keep at least the last whole turn.
     auto next = std::lower_bound(boundaries.begin(), boundaries.end(), cut);
     cut = next != boundaries.end() ? *next : tokens.size();
+    if (cut >= tokens.size()) {
+      auto last_start = std::lower_bound(boundaries.begin(), boundaries.end(), tokens.size());
+      if (last_start != boundaries.begin()) cut = *std::prev(last_start);
+    }
     cut = std::max(cut, keep_front);
     std::vector<int32_t> tail(tokens.begin() + static_cast<ptrdiff_t>(cut), tokens.end());
     sessions.truncate(id, static_cast<int32_t>(keep_front));
@@ -966,7 +970,7 @@ struct AgentRuntime::Impl {
           start_run(a, *store.run(run));
         } else {
           a.context_full_handled = false;
-          compact(a, config.max_context / 4);
+          compact(a, 0);
         }
       } else {
         a.context_full_handled = false;
