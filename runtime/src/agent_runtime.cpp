@@ -100,6 +100,7 @@ struct AgentRuntime::Impl {
     std::unique_ptr<Run> run;
     std::deque<RunRecord> interrupted;  // to re-run, oldest first
     bool context_full_handled = false;  // on_context_full ran for the current fullness
+    int32_t context_checked_length = -1;  // the history length the default policy left
   };
 
   AgentRuntimeConfig config;
@@ -124,7 +125,11 @@ struct AgentRuntime::Impl {
   std::map<int64_t, std::map<uint64_t, AgentListener>> listeners;  // agent -> subscription -> listener
   std::map<uint64_t, int64_t> subscription_agent;
   uint64_t next_subscription = 1;
-  std::map<int64_t, std::vector<std::function<void(MessageState)>>> handled_waiters;  // message -> callbacks
+  struct Waiting {
+    int64_t agent = 0;
+    std::vector<std::function<void(MessageState)>> callbacks;
+  };
+  std::map<int64_t, Waiting> handled_waiters;  // message -> who waits for its handler to finish
 
   std::atomic<int64_t> runs_completed{0}, runs_failed{0}, effects_replayed{0};
 
@@ -186,6 +191,18 @@ struct AgentRuntime::Impl {
   }
 
   static Agent& agent_of(lua_State* L) { return *static_cast<Agent*>(lua_touserdata(L, lua_upvalueindex(1))); }
+
+  // The agent of a binding that is an effect: only inside a handler, and from the handler's own
+  // coroutine (a yield from a coroutine the agent made would go to the agent, not to the host).
+  static Agent& handler_agent_of(lua_State* L) {
+    Agent& a = agent_of(L);
+    if (!a.run || !a.run->co) luaL_error(L, "this call is only possible inside a handler (on_start, on_message, ...)");
+    if (a.run->co->thread() != L) {
+      luaL_error(L, "effects (generate, tool calls, sleep, send, ...) must be called from the handler itself, "
+                    "not from a coroutine it created");
+    }
+    return a;
+  }
 
   static void set_function(lua_State* L, Agent& a, const char* name, lua_CFunction f) {
     lua_pushlightuserdata(L, &a);
@@ -271,7 +288,7 @@ struct AgentRuntime::Impl {
   }
 
   static int l_now(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     return lua_guarded(L, [&] {
       const int32_t seq = a.run->next_seq++;
       double now = unix_now();
@@ -312,7 +329,7 @@ struct AgentRuntime::Impl {
 
   // den.tools.call(name, args) -> result {text, content, is_error} | nil, error
   static int l_tools_call(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     const std::string name = luaL_checkstring(L, 1);
     return lua_guarded(L, [&]() -> int {
       json::object args;
@@ -403,7 +420,7 @@ struct AgentRuntime::Impl {
 
   // ctx.session:append(role, content) or ctx.session:append{role=..., content=...}
   static int l_session_append(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     std::vector<engine::ChatMessage> messages;
     if (lua_istable(L, 2)) {
       messages.push_back({opt_string(L, 2, "role", "user"), opt_string(L, 2, "content", "")});
@@ -432,7 +449,7 @@ struct AgentRuntime::Impl {
 
   // ctx.session:generate{max_tokens, temperature, top_k, top_p, stop, raw, stream} -> text, info
   static int l_session_generate(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     GenerationOptions options;
     options.max_new_tokens = 256;
     options.sampling.temperature = 0.7f;
@@ -443,7 +460,9 @@ struct AgentRuntime::Impl {
       options.sampling.temperature = static_cast<float>(opt_number(L, 2, "temperature", options.sampling.temperature));
       options.sampling.top_k = static_cast<int32_t>(opt_number(L, 2, "top_k", options.sampling.top_k));
       options.sampling.top_p = static_cast<float>(opt_number(L, 2, "top_p", options.sampling.top_p));
-      options.sampling.seed = static_cast<uint64_t>(opt_number(L, 2, "seed", -1));
+      lua_getfield(L, 2, "seed");
+      if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 0) options.sampling.seed = static_cast<uint64_t>(lua_tointeger(L, -1));
+      lua_pop(L, 1);
       raw = opt_bool(L, 2, "raw", false);
       stream = opt_bool(L, 2, "stream", true);
       lua_getfield(L, 2, "stop");
@@ -567,7 +586,9 @@ struct AgentRuntime::Impl {
         }
       }
     }
-    const size_t keep_front = boundaries.empty() ? 0 : boundaries.front();
+    // The first turn (the system prompt) stays, unless it is itself most of the context.
+    size_t keep_front = boundaries.empty() ? 0 : boundaries.front();
+    if (keep_front > static_cast<size_t>(config.max_context / 2)) keep_front = 0;
     const auto budget = static_cast<size_t>(std::max<int64_t>(0, config.max_context / 2 - room));
     size_t cut = tokens.size() > budget ? tokens.size() - budget : keep_front;
     // Start the kept tail at a turn boundary; keep at least the last whole turn.
@@ -590,7 +611,7 @@ struct AgentRuntime::Impl {
   // ctx.session:compact([keep_tokens]): the default context policy, now: the first turn and
   // the most recent turns that fit in keep_tokens (default half the context).
   static int l_session_compact(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     const lua_Integer keep = luaL_optinteger(L, 2, a.impl->config.max_context / 2);
     return lua_guarded(L, [&] {
       a.impl->compact(a, static_cast<int32_t>(std::max<lua_Integer>(0, a.impl->config.max_context / 2 - keep)));
@@ -600,7 +621,7 @@ struct AgentRuntime::Impl {
   }
 
   static int l_session_fork(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     const std::string name = luaL_optstring(L, 2, "");
     return lua_guarded(L, [&] {
       Impl& impl = *a.impl;
@@ -636,7 +657,7 @@ struct AgentRuntime::Impl {
   }
 
   static int l_session_checkpoint(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     return lua_guarded(L, [&]() -> int {
       Impl& impl = *a.impl;
       const int64_t agent_id = a.record.id, run_id = a.run->record.id;
@@ -665,7 +686,7 @@ struct AgentRuntime::Impl {
 
   // ctx:send(agent_name, msg)
   static int l_send(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     const std::string to = luaL_checkstring(L, 2);
     luaL_checkany(L, 3);
     return lua_guarded(L, [&] {
@@ -684,7 +705,7 @@ struct AgentRuntime::Impl {
 
   // ctx:reply(msg, text)
   static int l_reply(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_getfield(L, 2, "id");
     const lua_Integer message_id = luaL_checkinteger(L, -1);
@@ -704,7 +725,7 @@ struct AgentRuntime::Impl {
 
   // ctx:sleep(seconds): durable; a restart resumes the wait where it was.
   static int l_sleep(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     const double seconds = luaL_checknumber(L, 2);
     return lua_guarded(L, [&]() -> int {
       Impl& impl = *a.impl;
@@ -751,7 +772,7 @@ struct AgentRuntime::Impl {
 
   // ctx:schedule(seconds | {at = unix_time}, payload) -> timer id
   static int l_schedule(lua_State* L) {
-    Agent& a = agent_of(L);
+    Agent& a = handler_agent_of(L);
     double due = 0;
     if (lua_istable(L, 2)) {
       due = opt_number(L, 2, "at", 0);
@@ -782,7 +803,7 @@ struct AgentRuntime::Impl {
     }
     return lua_guarded(L, [&] {
       // A replay (effects still coming from the journal) already logged this before the restart.
-      const bool replaying = !a.run->journal.empty() && a.run->next_seq <= a.run->journal.rbegin()->first;
+      const bool replaying = a.run && !a.run->journal.empty() && a.run->next_seq <= a.run->journal.rbegin()->first;
       if (!replaying) a.impl->agent_log(a, "info", line);
       return 0;
     });
@@ -915,11 +936,37 @@ struct AgentRuntime::Impl {
       std::lock_guard lock(listeners_mutex);
       auto it = handled_waiters.find(message_id);
       if (it == handled_waiters.end()) return;
-      waiters = std::move(it->second);
+      waiters = std::move(it->second.callbacks);
       handled_waiters.erase(it);
     }
     const MessageState state = message_state_of(message_id);
     for (auto& w : waiters) w(state);
+  }
+
+  // Answers the waiters whose message will not be handled now (its agent was stopped or
+  // deleted, or the daemon stops): `status` says why. `agent` 0: every agent.
+  void release_waiters(int64_t agent, int64_t except_message, const std::string& status) {
+    std::vector<std::pair<int64_t, std::function<void(MessageState)>>> released;
+    {
+      std::lock_guard lock(listeners_mutex);
+      for (auto it = handled_waiters.begin(); it != handled_waiters.end();) {
+        if ((agent == 0 || it->second.agent == agent) && it->first != except_message) {
+          for (auto& cb : it->second.callbacks) released.emplace_back(it->first, std::move(cb));
+          it = handled_waiters.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (auto& [message, cb] : released) {
+      MessageState state;
+      state.status = status;
+      try {
+        for (const ReplyRecord& r : store.replies_to(message)) state.replies.push_back(r.text);
+      } catch (const std::exception&) {
+      }
+      cb(state);
+    }
   }
 
   MessageState message_state_of(int64_t message_id) const {
@@ -961,7 +1008,8 @@ struct AgentRuntime::Impl {
       }
       // Idle: when the conversation nears the context, on_context_full (or the default policy).
       const int32_t length = sessions.info(a.record.session).tokens;
-      if (length > config.max_context * 3 / 4) {
+      // Once per length: a policy that could not shrink it is not tried again and again.
+      if (length > config.max_context * 3 / 4 && length != a.context_checked_length) {
         // The agent's own policy first; if the context is still that full after it, the default.
         if (!a.context_full_handled && a.sandbox->push_handler("on_context_full")) {
           lua_pop(a.sandbox->state(), 1);
@@ -971,6 +1019,7 @@ struct AgentRuntime::Impl {
         } else {
           a.context_full_handled = false;
           compact(a, 0);
+          a.context_checked_length = sessions.info(a.record.session).tokens;
         }
       } else {
         a.context_full_handled = false;
@@ -1159,9 +1208,13 @@ AgentRuntime::MessageState AgentRuntime::message_state(int64_t message_id) const
 
 void AgentRuntime::when_handled(int64_t message_id, std::function<void(MessageState)> done) {
   Impl& impl = *impl_;
+  const std::optional<MessageRecord> message = impl.store.message(message_id);
+  if (!message) throw AgentError(AgentError::Kind::not_found, "no message " + std::to_string(message_id));
   {
     std::lock_guard lock(impl.listeners_mutex);
-    impl.handled_waiters[message_id].push_back(done);
+    Impl::Waiting& waiting = impl.handled_waiters[message_id];
+    waiting.agent = message->agent;
+    waiting.callbacks.push_back(done);
   }
   // Handled already (before the waiter was registered)? Then answer now.
   const MessageState state = impl.message_state_of(message_id);
@@ -1171,7 +1224,7 @@ void AgentRuntime::when_handled(int64_t message_id, std::function<void(MessageSt
     std::lock_guard lock(impl.listeners_mutex);
     auto it = impl.handled_waiters.find(message_id);
     if (it == impl.handled_waiters.end()) return;  // the agent thread answered meanwhile
-    waiters = std::move(it->second);
+    waiters = std::move(it->second.callbacks);
     impl.handled_waiters.erase(it);
   }
   for (auto& w : waiters) w(state);
@@ -1203,6 +1256,8 @@ void AgentRuntime::stop(std::string_view name) {
     Impl::Agent& a = impl.agent_by_name(name);
     impl.store.set_agent_status(a.record.id, "stopped", "stopped by request");
     a.record.status = "stopped";
+    const int64_t current = a.run && a.run->record.trigger == "message" ? a.run->record.message_id : 0;
+    impl.release_waiters(a.record.id, current, "stopped");
     return 0;
   });
 }
@@ -1217,6 +1272,7 @@ void AgentRuntime::remove(std::string_view name) {
     }
     const int64_t id = a.record.id;
     const memory::SessionId session = a.record.session;
+    impl.release_waiters(id, 0, "deleted");
     impl.agents.erase(id);
     impl.store.delete_agent(id);
     // Its session goes too, once no generation holds it.
@@ -1269,6 +1325,8 @@ void AgentRuntime::shutdown() {
       if (a->run && a->run->tool_call) a->run->tool_call->cancel();
     }
   });
+  // Whoever waits for a handler hears it now: the message is handled after the restart.
+  impl.release_waiters(0, 0, "interrupted");
   impl.work.reset();
   // Pending timers (sleeps) would keep io running: stop it once the shutdown task ran.
   asio::post(impl.io, [&impl] { impl.io.stop(); });

@@ -254,6 +254,51 @@ return {
   CHECK(daemon.running());
 }
 
+// A client waiting for a handler that sleeps hears back when the daemon stops (the message is
+// handled after the restart), and the daemon exits promptly; effects only run inside handlers.
+TEST_CASE("agents answer waiting senders on shutdown and refuse effects outside handlers") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(agent_daemon_args());
+  DaemonClient client(daemon.socket_path());
+  try {
+    spawn(client, "early", "local t = den.now()\nreturn {}");
+    FAIL("a script calling den.now() at load time was spawned");
+  } catch (const RpcCallError& e) {
+    CHECK(e.code() == runtime::rpc::agent_invalid);
+    CHECK(std::string(e.what()).find("only possible inside a handler") != std::string::npos);
+  }
+  const char* nested = R"lua(
+return { on_message = function(ctx, msg)
+  local ok, err = pcall(coroutine.wrap(function() return ctx.session:length(), den.now() end))
+  ctx:reply(msg, tostring(ok) .. " " .. tostring(err))
+end }
+)lua";
+  spawn(client, "nested", nested);
+  const std::vector<std::string> nested_reply = replies_of(send_and_wait(client, "nested", "x"));
+  REQUIRE(nested_reply.size() == 1);
+  CHECK(nested_reply[0].find("false") == 0);
+  CHECK(nested_reply[0].find("from the handler itself") != std::string::npos);
+
+  spawn(client, "sleeper", "return { on_message = function(ctx, msg) ctx:sleep(30) ctx:reply(msg, 'late') end }");
+  std::string status;
+  std::thread waiter([&] {
+    DaemonClient other(daemon.socket_path());
+    status = std::string(send_and_wait(other, "sleeper", "x").at("status").as_string());
+  });
+  wait_for_agent(client, "sleeper", [](const json::value& a) { return !a.at("run").is_null() && a.at("run").at("waiting").as_bool(); },
+                 std::chrono::seconds(20));
+  const auto t0 = Clock::now();
+  client.call("daemon/shutdown");
+  CHECK(daemon.wait_exit() == 0);
+  waiter.join();
+  CHECK(status == "interrupted");
+  CHECK(Clock::now() - t0 < std::chrono::seconds(10));
+  // After the restart the sleep goes on where it was and the reply comes.
+  daemon.restart();
+  DaemonClient again(daemon.socket_path());
+  CHECK(again.call("agents/get", {{"agent", "sleeper"}}).at("runs").as_array().at(0).at("status").as_string() == "interrupted");
+}
+
 TEST_CASE("agents timers fire, also those that fell due while the daemon was down") {
   DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
   DaemonProcess daemon(agent_daemon_args());
