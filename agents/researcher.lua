@@ -1,6 +1,6 @@
 -- researcher.lua: answers questions with tools. It shows the model the daemon's tools
 -- (den.tools.list) and how to call one, Hermes-style:
---   <tool_call>{"name": "clock.calc", "arguments": {"expression": "2*21"}}</tool_call>
+--   <tool_call>{"name": "clock.calculate", "arguments": {"expression": "2*21"}}</tool_call>
 -- then runs each call the model writes (den.parse_tool_calls, den.tools.call), gives the
 -- result back as a "tool" turn and lets the model go on, up to MAX_STEPS times. Output
 -- without a tool call is the answer (so with no tools, or a model that calls none, it answers

@@ -62,6 +62,13 @@ json::value wait_for_agent(DaemonClient& client, const std::string& agent, Pred 
   return got;
 }
 
+// An integer in the agent's committed state, -1 while it is not there yet.
+int64_t state_int(const json::value& agent, const char* key) {
+  const json::object& state = agent.at("state").as_object();
+  const json::value* v = state.if_contains(key);
+  return v != nullptr && v->is_number() ? v->to_number<int64_t>() : -1;
+}
+
 std::string log_text(DaemonClient& client, const std::string& agent) {
   std::string all;
   const json::value logs = client.call("agents/logs", {{"agent", agent}, {"limit", 1000}});
@@ -299,6 +306,58 @@ end }
   CHECK(again.call("agents/get", {{"agent", "sleeper"}}).at("runs").as_array().at(0).at("status").as_string() == "interrupted");
 }
 
+// The example agents of agents/, as they are (the watcher with a shorter period so the test
+// does not wait minutes): each runs, and the watcher keeps looking across a restart.
+TEST_CASE("agents examples run - assistant, researcher, watcher, ping and pong") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DEN_SKIP_UNLESS(std::system("python3 -c pass >/dev/null 2>&1") == 0, "python3 is needed for the clock tool server");
+  TempDir dir;
+  write_file(dir.file("den.yaml"), "tools:\n  - name: clock\n    command: [\"python3\", \"" +
+                                       repo_path("examples/tools/clock_calc.py") + "\"]\n");
+  DaemonProcess daemon(agent_daemon_args({"--config", dir.file("den.yaml")}));
+  auto example = [](const std::string& file) { return read_file(repo_path("agents/" + file)); };
+  {
+    DaemonClient client(daemon.socket_path());
+    spawn(client, "assistant", example("assistant.lua"));
+    CHECK(replies_of(send_and_wait(client, "assistant", "Tell me a story about a cat.")).size() == 1);
+    spawn(client, "researcher", example("researcher.lua"));
+    const json::value answer = send_and_wait(client, "researcher", "What is 2*21?");
+    CHECK(answer.at("status").as_string() == "done");
+    CHECK(replies_of(answer).size() == 1);
+
+    std::string watcher = example("watcher.lua");
+    const size_t at = watcher.find("local PERIOD = 10");
+    REQUIRE(at != std::string::npos);
+    watcher.replace(at, std::string("local PERIOD = 10").size(), "local PERIOD = 0.3");
+    spawn(client, "watcher", watcher);
+
+    spawn(client, "pong", example("pong.lua"));
+    spawn(client, "ping", example("ping.lua"));
+    const auto deadline = Clock::now() + std::chrono::seconds(30);
+    while (log_text(client, "ping").find("game 1 over after 5 rounds") == std::string::npos && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    CHECK(log_text(client, "ping").find("game 1 over after 5 rounds") != std::string::npos);
+    const json::value pong = client.call("agents/get", {{"agent", "pong"}});
+    INFO(json::serialize(pong));
+    REQUIRE(pong.at("state").as_object().contains("rounds"));
+    CHECK(pong.at("state").at("rounds").to_number<int64_t>() == 5);
+    const json::value w = wait_for_agent(
+        client, "watcher", [](const json::value& v) { return state_int(v, "looks") >= 3; },
+        std::chrono::seconds(20));
+    CHECK(state_int(w, "looks") >= 3);
+    CHECK(log_text(client, "watcher").find("(clock.now)") != std::string::npos);  // it used the tool
+  }
+  daemon.restart();
+  DaemonClient client(daemon.socket_path());
+  const int64_t looks = state_int(client.call("agents/get", {{"agent", "watcher"}}), "looks");
+  const json::value w = wait_for_agent(
+      client, "watcher", [&](const json::value& v) { return state_int(v, "looks") >= looks + 3; },
+      std::chrono::seconds(20));
+  CHECK(state_int(w, "looks") >= looks + 3);
+  CHECK(replies_of(send_and_wait(client, "assistant", "And then?")).size() == 1);
+}
+
 TEST_CASE("agents timers fire, also those that fell due while the daemon was down") {
   DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
   DaemonProcess daemon(agent_daemon_args());
@@ -319,19 +378,19 @@ return {
     DaemonClient client(daemon.socket_path());
     spawn(client, "watcher", watcher);
     const json::value a = wait_for_agent(
-        client, "watcher", [](const json::value& v) { return v.at("state").at("ticks").to_number<int64_t>() >= 3; },
+        client, "watcher", [](const json::value& v) { return state_int(v, "ticks") >= 3; },
         std::chrono::seconds(20));
-    CHECK(a.at("state").at("ticks").to_number<int64_t>() >= 3);
+    CHECK(state_int(a, "ticks") >= 3);
   }
   CHECK(daemon.stop() == 0);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));  // a timer falls due while it is down
   daemon.restart();
   DaemonClient client(daemon.socket_path());
-  const int64_t before = client.call("agents/get", {{"agent", "watcher"}}).at("state").at("ticks").to_number<int64_t>();
+  const int64_t before = state_int(client.call("agents/get", {{"agent", "watcher"}}), "ticks");
   const json::value a = wait_for_agent(
-      client, "watcher", [&](const json::value& v) { return v.at("state").at("ticks").to_number<int64_t>() >= before + 3; },
+      client, "watcher", [&](const json::value& v) { return state_int(v, "ticks") >= before + 3; },
       std::chrono::seconds(20));
-  CHECK(a.at("state").at("ticks").to_number<int64_t>() >= before + 3);
+  CHECK(state_int(a, "ticks") >= before + 3);
 }
 
 // Each hostile script is refused or stopped with a clear error for its agent; a well-behaved
