@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "client_output.h"
 #include "commands.h"
 #include "den/runtime/client.h"
 #include "den/runtime/paths.h"
@@ -21,30 +22,6 @@ namespace den::runtime::cli {
 namespace {
 
 namespace json = boost::json;
-
-struct ClientOptions {
-  std::string socket;
-  bool json = false;
-};
-
-void add_client_options(CLI::App& cmd, ClientOptions& o) {
-  cmd.add_option("--socket", o.socket,
-                 "The daemon's socket (default: $DEN_SOCKET, else $XDG_RUNTIME_DIR/den/den.sock, else "
-                 "/tmp/den-$UID/den.sock)");
-  cmd.add_flag("--json", o.json, "Print the daemon's JSON result (one object per line), for scripts");
-}
-
-// The daemon's refusals become one line that says what to do; DaemonUnavailable already does.
-json::value call_daemon(DaemonClient& client, std::string_view method, const json::object& params = {},
-                        const DaemonClient::NotificationHandler& on_notification = {}) {
-  try {
-    return client.call(method, params, on_notification);
-  } catch (const RpcCallError& e) {
-    throw std::runtime_error(describe_for_user(e));
-  }
-}
-
-void print_json(const json::value& v) { std::printf("%s\n", json::serialize(v).c_str()); }
 
 std::string human_bytes(double bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -57,28 +34,6 @@ std::string human_bytes(double bytes) {
   std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", bytes, units[u]);
   return buf;
 }
-
-double number_of(const json::value* v) {
-  if (v == nullptr) return 0.0;
-  json::error_code ec;
-  const double d = v->to_number<double>(ec);
-  return ec ? 0.0 : d;
-}
-
-// A scalar as a person reads it: strings bare, booleans yes/no, null "-".
-std::string plain(const json::value* v) {
-  if (v == nullptr || v->is_null()) return "-";
-  if (const json::string* s = v->if_string()) return std::string(*s);
-  if (v->is_bool()) return v->as_bool() ? "yes" : "no";
-  if (v->is_double()) {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.4g", v->as_double());
-    return buf;
-  }
-  return json::serialize(*v);
-}
-
-std::string field(const json::object& o, std::string_view key) { return plain(o.if_contains(key)); }
 
 // "alice (s-3)" for a named session, "s-3" otherwise.
 std::string label(const json::object& session) {
