@@ -18,6 +18,7 @@
 #include "den/engine/tokenizer.h"
 #include "den/runtime/agent_store.h"
 #include "den/runtime/log.h"
+#include "den/runtime/names.h"
 
 namespace den::runtime {
 namespace asio = boost::asio;
@@ -27,16 +28,6 @@ namespace {
 
 double unix_now() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
-bool valid_agent_name(std::string_view name) {
-  if (name.empty() || name.size() > 64) return false;
-  for (char c : name) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
-                    c == '_' || c == '-';
-    if (!ok) return false;
-  }
-  return true;
 }
 
 std::string handler_for(std::string_view trigger) {
@@ -1122,7 +1113,7 @@ void AgentRuntime::start() {
 
 boost::json::object AgentRuntime::spawn(const SpawnRequest& request) {
   Impl& impl = *impl_;
-  if (!valid_agent_name(request.name)) {
+  if (!valid_name(request.name)) {
     throw AgentError(AgentError::Kind::invalid, "invalid agent name '" + request.name + "': use 1-64 of A-Z a-z 0-9 . _ -");
   }
   return impl.on_agent_thread([&]() -> json::object {

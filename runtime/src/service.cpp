@@ -15,6 +15,7 @@
 
 #include "den/engine/tokenizer.h"
 #include "den/runtime/log.h"
+#include "den/runtime/names.h"
 #include "den/runtime/metrics.h"
 
 namespace den::runtime {
@@ -28,16 +29,6 @@ constexpr int kDenProtocol = 1;
 constexpr size_t kMaxStopStrings = 16;
 constexpr size_t kMaxStopBytes = 256;
 constexpr int kMaxLogprobs = 20;
-
-bool valid_session_name(std::string_view name) {
-  if (name.empty() || name.size() > 64) return false;
-  for (char c : name) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
-                    c == '_' || c == '-';
-    if (!ok) return false;
-  }
-  return true;
-}
 
 // "s-<digits>": the form of server-made ids, reserved.
 std::optional<memory::SessionId> parse_session_id(std::string_view text) {
@@ -473,7 +464,7 @@ void Service::sessions_create(const std::shared_ptr<Call>& call) {
   const rpc::Params p = call->params();
   p.check_known({"name"});
   const std::string name = p.optional_string("name").value_or("");
-  if (!name.empty() && (!valid_session_name(name) || parse_session_id(name))) {
+  if (!name.empty() && (!valid_name(name) || parse_session_id(name))) {
     throw Error(rpc::session_exists,
                 "invalid session name '" + name + "': use 1-64 of A-Z a-z 0-9 . _ - and not the form s-<digits>",
                 json::object{{"name", name}});
@@ -729,7 +720,7 @@ void Service::sessions_fork(const std::shared_ptr<Call>& call) {
   p.check_known({"session", "name"});
   const memory::SessionId source = resolve(p);
   const std::string name = p.optional_string("name").value_or("");
-  if (!name.empty() && (!valid_session_name(name) || parse_session_id(name))) {
+  if (!name.empty() && (!valid_name(name) || parse_session_id(name))) {
     throw Error(rpc::session_exists,
                 "invalid session name '" + name + "': use 1-64 of A-Z a-z 0-9 . _ - and not the form s-<digits>",
                 json::object{{"name", name}});
