@@ -24,7 +24,7 @@ using runtime::RpcCallError;
 using Clock = std::chrono::steady_clock;
 
 std::vector<std::string> agent_daemon_args(std::vector<std::string> more = {}) {
-  std::vector<std::string> args = {"-m", stories_model(), "--backend", "cpu", "--threads", "1"};
+  std::vector<std::string> args = {"-m", stories_model(), "--backend", test_daemon_backend(), "--threads", "1"};
   args.insert(args.end(), more.begin(), more.end());
   return args;
 }

@@ -27,14 +27,8 @@ namespace json = boost::json;
 using runtime::DaemonClient;
 using runtime::RpcCallError;
 
-// $DEN_TEST_DAEMON_BACKEND=cuda runs these tests on the GPU (scripts/gpu-check daemon).
-std::string daemon_backend() {
-  const char* backend = std::getenv("DEN_TEST_DAEMON_BACKEND");
-  return backend != nullptr && backend[0] != '\0' ? backend : "cpu";
-}
-
 std::vector<std::string> stories_daemon_args(std::vector<std::string> more = {}) {
-  std::vector<std::string> args = {"-m", stories_model(), "--backend", daemon_backend(), "--threads", "1"};
+  std::vector<std::string> args = {"-m", stories_model(), "--backend", test_daemon_backend(), "--threads", "1"};
   args.insert(args.end(), more.begin(), more.end());
   return args;
 }

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <thread>
@@ -30,6 +31,11 @@ std::string flag_value(const std::vector<std::string>& args, const std::string& 
 int shell_status(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status); }
 
 }  // namespace
+
+std::string test_daemon_backend() {
+  const char* backend = std::getenv("DEN_TEST_DAEMON_BACKEND");
+  return backend != nullptr && backend[0] != '\0' ? backend : "cpu";
+}
 
 DaemonProcess::DaemonProcess(std::vector<std::string> extra_args, bool wait_until_ready)
     : extra_args_(std::move(extra_args)),

@@ -13,6 +13,10 @@
 
 namespace den::test {
 
+// The backend the daemon integration tests run on: $DEN_TEST_DAEMON_BACKEND (scripts/gpu-check
+// daemon sets it to cuda), else cpu.
+std::string test_daemon_backend();
+
 class DaemonProcess {
  public:
   // Starts `den serve --socket DIR/den.sock --state-dir DIR/state <extra_args>` (DIR: a fresh
