@@ -155,8 +155,11 @@ return {
   daemon.wait_exit();
   daemon.restart();
   DaemonClient client(daemon.socket_path());
+  // The cut-off run shows `interrupted` until it completes (unless its sleep had already run
+  // out while the daemon restarted: then it may be done by now).
   const json::value interrupted = client.call("agents/get", {{"agent", "writer"}});
-  CHECK(interrupted.at("runs").as_array().at(0).at("status").as_string() == "interrupted");
+  const std::string status(interrupted.at("runs").as_array().at(0).at("status").as_string());
+  CHECK((status == "interrupted" || status == "completed"));
   const json::value done = wait_for_agent(client, "writer", [](const json::value& a) { return a.at("run").is_null(); },
                                           std::chrono::seconds(30));
   CHECK(done.at("runs").as_array().at(0).at("status").as_string() == "completed");
