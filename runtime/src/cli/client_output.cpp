@@ -1,6 +1,7 @@
 // Shared pieces of the daemon's CLI clients (client_output.h).
 #include "client_output.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <stdexcept>
 
@@ -48,5 +49,21 @@ std::string plain(const json::value* v) {
 }
 
 std::string field(const json::object& o, std::string_view key) { return plain(o.if_contains(key)); }
+
+void print_table(const std::vector<std::vector<std::string>>& rows) {
+  if (rows.empty()) return;
+  std::vector<size_t> widths(rows[0].size(), 0);
+  for (const auto& row : rows) {
+    for (size_t c = 0; c < row.size() && c < widths.size(); ++c) widths[c] = std::max(widths[c], row[c].size());
+  }
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t c = 0; c < row.size(); ++c) {
+      line += row[c];
+      if (c + 1 < row.size()) line += std::string(widths[c] - row[c].size() + 2, ' ');
+    }
+    std::printf("%s\n", line.c_str());
+  }
+}
 
 }  // namespace den::runtime::cli

@@ -7,6 +7,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "den/runtime/client.h"
 
@@ -26,5 +27,7 @@ double number_of(const boost::json::value* v);  // 0 when absent or not a number
 // A scalar as a person reads it: strings bare, booleans yes/no, null "-".
 std::string plain(const boost::json::value* v);
 std::string field(const boost::json::object& o, std::string_view key);
+// Rows as aligned columns (two spaces apart); the first row is the header.
+void print_table(const std::vector<std::vector<std::string>>& rows);
 
 }  // namespace den::runtime::cli

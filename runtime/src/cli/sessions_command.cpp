@@ -75,18 +75,7 @@ void print_session_table(const json::array& sessions) {
     rows.push_back({field(s, "id"), field(s, "name"), field(s, "tokens"), field(s, "kv_tokens"), field(s, "tier"),
                     field(s, "pinned"), checkpoint_text(s)});
   }
-  std::vector<size_t> widths(rows[0].size(), 0);
-  for (const auto& row : rows) {
-    for (size_t c = 0; c < row.size(); ++c) widths[c] = std::max(widths[c], row[c].size());
-  }
-  for (const auto& row : rows) {
-    std::string line;
-    for (size_t c = 0; c < row.size(); ++c) {
-      line += row[c];
-      if (c + 1 < row.size()) line += std::string(widths[c] - row[c].size() + 2, ' ');
-    }
-    std::printf("%s\n", line.c_str());
-  }
+  print_table(rows);
 }
 
 void run_ls(const ClientOptions& o) {
