@@ -1,9 +1,10 @@
 // AgentStore: the agents' durable state in SQLite (see agent_store.h for the protocol).
-// Private here: RAII owners for the connection and statements, the transaction guard, the
-// schema migrations and the checks that keep a replayed run from repeating its effects.
+// Private here: the schema migrations and the checks that keep a replayed run from repeating its
+// effects; the connection, statements, transaction guard and open sequence are memory's shared
+// ones (den/memory/sqlite_db.h).
 #include "den/runtime/agent_store.h"
 
-#include <sqlite3.h>
+#include "den/memory/sqlite_db.h"
 
 #include <algorithm>
 #include <array>
@@ -11,8 +12,6 @@
 #include <charconv>
 #include <chrono>
 #include <cmath>
-#include <cstring>
-#include <fstream>
 #include <mutex>
 #include <utility>
 
@@ -22,7 +21,6 @@ namespace {
 // PRAGMA application_id of the agent store: 'DENA'. Not the memory store's 'DEN1': a metadata
 // database opened here by mistake must be refused, not taken for a migrated agent store.
 constexpr int32_t kApplicationId = 0x44454E41;
-constexpr int kBusyTimeoutMs = 5000;
 
 // Schema migrations, applied in order inside one transaction on open. Entry i takes the schema
 // from version i to version i + 1; a version 2 is one more entry (and kSchemaVersion + 1).
@@ -111,6 +109,14 @@ CREATE UNIQUE INDEX logs_by_agent ON logs(agent, seq);
 };
 static_assert(kMigrations.size() == AgentStore::kSchemaVersion, "one migration step per schema version");
 
+using memory::sqlite::Connection;
+using memory::sqlite::pragma_int;
+using memory::sqlite::Statement;
+using memory::sqlite::Transaction;
+namespace sqlite = memory::sqlite;
+
+[[noreturn]] void throw_agent_store_error(const std::string& message) { throw AgentStoreError(message); }
+
 // A run's trigger is "being handled" while such a run exists; see the header.
 constexpr const char* kLiveRunStatuses = "('running', 'interrupted')";
 
@@ -118,169 +124,11 @@ double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-// The first line of a statement, shortened: enough to name it in an error message.
-std::string statement_label(std::string_view sql) {
-  const auto first = sql.find_first_not_of(" \n");
-  sql = first == std::string_view::npos ? std::string_view{} : sql.substr(first);
-  const size_t end = std::min(sql.find('\n'), sql.size());
-  return end > 72 ? std::string(sql.substr(0, 72)) + "..." : std::string(sql.substr(0, end));
-}
-
 // Shortest text that reads back as the same double; finite values only (JSON has no NaN).
 std::string json_number(double value) {
   char text[32];
   const auto [end, ec] = std::to_chars(text, text + sizeof(text), value);
   return ec == std::errc{} ? std::string(text, end) : std::string("0");
-}
-
-struct DbCloser {
-  void operator()(sqlite3* db) const noexcept { sqlite3_close_v2(db); }
-};
-struct StmtFinalizer {
-  void operator()(sqlite3_stmt* stmt) const noexcept { sqlite3_finalize(stmt); }
-};
-
-// The connection: owns the sqlite3 handle and knows how to word its errors.
-class Connection {
- public:
-  explicit Connection(const std::filesystem::path& path) : where_("agent store '" + path.string() + "'") {
-    sqlite3* raw = nullptr;
-    // NOMUTEX: every use is under AgentStore::Impl::mutex already.
-    const int rc = sqlite3_open_v2(path.c_str(), &raw,
-                                   SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
-    db_.reset(raw);  // a failed open may still hand back a handle that needs closing
-    if (rc != SQLITE_OK) {
-      throw AgentStoreError(where_ + ": cannot open: " + (raw != nullptr ? sqlite3_errmsg(raw) : sqlite3_errstr(rc)));
-    }
-    sqlite3_extended_result_codes(raw, 1);
-  }
-
-  sqlite3* get() const { return db_.get(); }
-  const std::string& where() const { return where_; }
-
-  [[noreturn]] void fail(std::string_view what) const {
-    throw AgentStoreError(where_ + ": " + std::string(what) + ": " + sqlite3_errmsg(db_.get()));
-  }
-  [[noreturn]] void fail_plain(std::string_view what) const { throw AgentStoreError(where_ + ": " + std::string(what)); }
-
-  // Runs statements that return no rows we need.
-  void exec(const std::string& sql) const {
-    char* message = nullptr;
-    if (sqlite3_exec(db_.get(), sql.c_str(), nullptr, nullptr, &message) != SQLITE_OK) {
-      std::string text = message != nullptr ? message : sqlite3_errmsg(db_.get());
-      sqlite3_free(message);
-      fail_plain(statement_label(sql) + ": " + text);
-    }
-  }
-
-  int64_t last_insert_id() const { return sqlite3_last_insert_rowid(db_.get()); }
-
- private:
-  std::string where_;
-  std::unique_ptr<sqlite3, DbCloser> db_;
-};
-
-// One prepared statement. Parameters and columns are numbered as SQLite does: binds from 1,
-// columns from 0. Errors name the statement.
-class Statement {
- public:
-  Statement(const Connection& conn, std::string_view sql) : conn_(conn), label_(statement_label(sql)) {
-    sqlite3_stmt* raw = nullptr;
-    if (sqlite3_prepare_v2(conn.get(), sql.data(), static_cast<int>(sql.size()), &raw, nullptr) != SQLITE_OK) {
-      conn_.fail("prepare " + label_);
-    }
-    stmt_.reset(raw);
-  }
-
-  Statement& bind_int(int index, int64_t value) { return check_bind(sqlite3_bind_int64(stmt_.get(), index, value)); }
-  Statement& bind_null(int index) { return check_bind(sqlite3_bind_null(stmt_.get(), index)); }
-  // 0 is "none" in the API and NULL in the schema.
-  Statement& bind_id_or_null(int index, int64_t id) {
-    return id == 0 ? bind_null(index) : bind_int(index, id);
-  }
-  Statement& bind_double(int index, double value) {
-    return check_bind(sqlite3_bind_double(stmt_.get(), index, value));
-  }
-  Statement& bind_text(int index, std::string_view text) {
-    return check_bind(sqlite3_bind_text64(stmt_.get(), index, text.data(), text.size(), SQLITE_TRANSIENT, SQLITE_UTF8));
-  }
-
-  // True while a row is ready, false when the statement is done.
-  bool step() {
-    const int rc = sqlite3_step(stmt_.get());
-    if (rc == SQLITE_ROW) return true;
-    if (rc == SQLITE_DONE) return false;
-    conn_.fail(label_);
-  }
-  // For statements that return no rows; the number of rows changed.
-  int run() {
-    while (step()) {
-    }
-    return sqlite3_changes(conn_.get());
-  }
-
-  bool is_null(int column) const { return sqlite3_column_type(stmt_.get(), column) == SQLITE_NULL; }
-  int64_t column_int(int column) const { return sqlite3_column_int64(stmt_.get(), column); }
-  double column_double(int column) const { return sqlite3_column_double(stmt_.get(), column); }
-  std::string column_text(int column) const {
-    const auto* text = sqlite3_column_text(stmt_.get(), column);
-    return text == nullptr ? std::string{}
-                           : std::string(reinterpret_cast<const char*>(text),
-                                         static_cast<size_t>(sqlite3_column_bytes(stmt_.get(), column)));
-  }
-
- private:
-  Statement& check_bind(int rc) {
-    if (rc != SQLITE_OK) conn_.fail("bind " + label_);
-    return *this;
-  }
-
-  const Connection& conn_;
-  std::string label_;
-  std::unique_ptr<sqlite3_stmt, StmtFinalizer> stmt_;
-};
-
-// BEGIN IMMEDIATE on construction (the write lock up front, so a commit never fails on a lock
-// upgrade), ROLLBACK on destruction unless committed: a throw anywhere leaves nothing changed.
-class Transaction {
- public:
-  explicit Transaction(const Connection& conn) : conn_(conn) { conn_.exec("BEGIN IMMEDIATE"); }
-  ~Transaction() {
-    // SQLite rolls back by itself after some errors (I/O, full disk); then there is nothing to undo.
-    if (!committed_ && sqlite3_get_autocommit(conn_.get()) == 0) {
-      sqlite3_exec(conn_.get(), "ROLLBACK", nullptr, nullptr, nullptr);
-    }
-  }
-  Transaction(const Transaction&) = delete;
-  Transaction& operator=(const Transaction&) = delete;
-
-  void commit() {
-    conn_.exec("COMMIT");
-    committed_ = true;
-  }
-
- private:
-  const Connection& conn_;
-  bool committed_ = false;
-};
-
-int64_t pragma_int(const Connection& conn, const std::string& pragma) {
-  Statement st(conn, "PRAGMA " + pragma);
-  if (!st.step()) conn.fail_plain("PRAGMA " + pragma + " returned no row");
-  return st.column_int(0);
-}
-
-// A non-empty file that does not start with SQLite's magic is refused before SQLite touches it.
-void check_sqlite_header(const std::filesystem::path& path, const std::string& where) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return;  // a new file
-  static constexpr char kMagic[] = "SQLite format 3";  // 16 bytes with the terminating NUL
-  std::array<char, sizeof(kMagic)> header{};
-  in.read(header.data(), header.size());
-  if (in.gcount() == 0) return;  // an empty file is an empty database
-  if (in.gcount() != static_cast<std::streamsize>(header.size()) || std::memcmp(header.data(), kMagic, sizeof(kMagic)) != 0) {
-    throw AgentStoreError(where + " is not a Den agent store: the file is not an SQLite database");
-  }
 }
 
 std::string id_text(int64_t id) { return std::to_string(id); }
@@ -493,56 +341,24 @@ void finish_run(const Connection& c, const RunRecord& run, std::string_view run_
 // One connection; the mutex keeps one method's transaction from interleaving with another
 // thread's statements (the runtime's threads and the socket handlers all call in).
 struct AgentStore::Impl {
-  explicit Impl(const std::filesystem::path& path) : conn(path) {}
+  // FULL synchronous (set by open_versioned): a commit is on disk when COMMIT returns, which is
+  // what "acknowledged after enqueue_message() returned" and "complete_run() is the commit of a
+  // handler" promise. NOMUTEX: every use is under `mutex` already.
+  explicit Impl(const std::filesystem::path& path)
+      : conn(sqlite::open_versioned(path, {.name = "agent store",
+                                           .thrower = throw_agent_store_error,
+                                           .threading = sqlite::Threading::caller_locked,
+                                           .application_id = kApplicationId,
+                                           .schema_version = kSchemaVersion,
+                                           .migrations = kMigrations,
+                                           .not_sqlite_refusal =
+                                               " is not a Den agent store: the file is not an SQLite database",
+                                           .foreign_refusal = ": is not a Den agent store"})) {}
   Connection conn;
   std::mutex mutex;
 };
 
-AgentStore::AgentStore(const std::filesystem::path& path) {
-  check_sqlite_header(path, "agent store '" + path.string() + "'");
-  impl_ = std::make_unique<Impl>(path);
-  const Connection& c = impl_->conn;
-  if (sqlite3_busy_timeout(c.get(), kBusyTimeoutMs) != SQLITE_OK) c.fail("busy_timeout");
-
-  // Identity and version first: nothing is written to a file that is not ours or is too new.
-  const auto application_id = static_cast<int32_t>(pragma_int(c, "application_id"));
-  if (application_id != kApplicationId) {
-    const bool empty = application_id == 0 && [&] {
-                         Statement st(c, "SELECT count(*) FROM sqlite_schema");
-                         return st.step() && st.column_int(0) == 0;
-                       }();
-    if (!empty) {
-      c.fail_plain("is not a Den agent store (its application_id is " + std::to_string(application_id) +
-                   "); it was left untouched");
-    }
-  }
-  const auto too_new = [&](int64_t version) {
-    c.fail_plain("schema version " + std::to_string(version) + " was written by a newer Den (this build knows up to " +
-                 std::to_string(kSchemaVersion) + ")");
-  };
-  if (const int64_t version = pragma_int(c, "user_version"); version > kSchemaVersion) too_new(version);
-
-  {
-    Statement st(c, "PRAGMA journal_mode = WAL");
-    if (!st.step() || st.column_text(0) != "wal") c.fail_plain("cannot switch the journal to WAL");
-  }
-  // FULL: a commit is on disk when COMMIT returns, which is what "acknowledged after
-  // enqueue_message() returned" and "complete_run() is the commit of a handler" promise.
-  c.exec("PRAGMA synchronous = FULL");
-  c.exec("PRAGMA foreign_keys = ON");
-  if (pragma_int(c, "foreign_keys") != 1) c.fail_plain("this SQLite does not enforce foreign keys");
-
-  if (pragma_int(c, "user_version") < kSchemaVersion) {
-    Transaction tx(c);
-    // Read again under the write lock: another process may have migrated meanwhile.
-    const int64_t version = pragma_int(c, "user_version");
-    if (version > kSchemaVersion) too_new(version);
-    for (int64_t v = version; v < kSchemaVersion; ++v) c.exec(kMigrations[static_cast<size_t>(v)]);
-    if (version == 0) c.exec("PRAGMA application_id = " + std::to_string(kApplicationId));
-    c.exec("PRAGMA user_version = " + std::to_string(kSchemaVersion));
-    tx.commit();
-  }
-}
+AgentStore::AgentStore(const std::filesystem::path& path) : impl_(std::make_unique<Impl>(path)) {}
 
 AgentStore::~AgentStore() = default;
 
