@@ -314,7 +314,6 @@ TEST_CASE("daemon cancels a generation during its prefill and refuses a second o
   client.call("sessions/create", {{"name", "long"}});
   std::string prompt;
   for (int i = 0; i < 100; ++i) prompt += "Once upon a time there was a cat. ";
-  const int64_t request_id = client.next_id();
   std::thread canceller([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     try {
@@ -328,7 +327,6 @@ TEST_CASE("daemon cancels a generation during its prefill and refuses a second o
   canceller.join();
   CHECK(r.at("finish_reason").as_string() == "cancelled");
   CHECK(r.at("tokens").at("generated").to_number<int64_t>() == 0);
-  (void)request_id;
   // The session is usable again.
   CHECK(client.call("sessions/generate", {{"session", "long"}, {"max_tokens", 4}, {"temperature", 0}})
             .at("finish_reason")
