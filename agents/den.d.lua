@@ -146,7 +146,7 @@ function DenTools.list() end
 ---@param name string          # "<server>.<tool>"
 ---@param arguments? table     # the tool's arguments (an object)
 ---@return ToolResult|nil result
----@return string? error       # unknown tool, bad arguments, timeout, the server failed, no tools configured
+---@return string? error       # unknown tool, bad arguments, timeout, the server failed or hung up
 function DenTools.call(name, arguments) end
 
 ---The global `den`.

@@ -3,6 +3,7 @@
 #   now        the current UTC time, ISO 8601 and unix seconds
 #   calculate  an arithmetic expression: numbers, + - * / // % **, unary +/-, parentheses
 # Den speaks newline-delimited JSON-RPC 2.0 on stdin/stdout; stderr is this server's log.
+# With --connect PATH it dials in to a running daemon's tools.sock and speaks on that socket.
 import ast
 import json
 import operator
@@ -91,8 +92,9 @@ def handle(request):
     return {"jsonrpc": "2.0", "id": request["id"], "result": result}
 
 
-def main():
-    for line in sys.stdin:
+def serve(reader, writer):
+    """Answers JSON-RPC lines from `reader` on `writer` until the other side closes."""
+    for line in reader:
         try:
             request = json.loads(line)
         except ValueError:
@@ -100,8 +102,25 @@ def main():
         else:
             reply = handle(request) if isinstance(request, dict) else None
         if reply is not None:
-            sys.stdout.write(json.dumps(reply) + "\n")
-            sys.stdout.flush()
+            writer.write(json.dumps(reply) + "\n")
+            writer.flush()
+
+
+def main():
+    # --connect PATH: dial in to a running daemon's tools.sock instead of being spawned by it.
+    if len(sys.argv) == 3 and sys.argv[1] == "--connect":
+        import socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            try:
+                connection.connect(sys.argv[2])
+            except OSError as e:
+                sys.exit(f"clock_calc: cannot connect to {sys.argv[2]}: {e.strerror}")
+            print(f"clock_calc: connected to {sys.argv[2]}", file=sys.stderr, flush=True)
+            serve(connection.makefile("r", encoding="utf-8"), connection.makefile("w", encoding="utf-8"))
+        return
+    if len(sys.argv) != 1:
+        sys.exit("usage: clock_calc.py [--connect PATH-TO-tools.sock]")
+    serve(sys.stdin, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <memory>
 #include <span>
@@ -24,8 +25,8 @@ namespace {
 
 using Keys = std::span<const std::string_view>;
 
-constexpr std::array<std::string_view, 13> kTopKeys = {
-    "model", "backend", "device", "threads", "context", "socket", "state_dir",
+constexpr std::array<std::string_view, 14> kTopKeys = {
+    "model", "backend", "device", "threads", "context", "socket", "state_dir", "tool_socket",
     "log_level", "kv", "limits", "scheduler", "metrics", "tools"};
 constexpr std::array<std::string_view, 7> kKvKeys = {
     "block_tokens", "hbm", "dram", "ssd", "policy", "cost_model", "layerwise_wake"};
@@ -442,6 +443,8 @@ void read_document(const Reader& reader, const YAML::Node& root, DaemonConfig& c
       config.socket = reader.read_string(entry);
     } else if (entry.name == "state_dir") {
       config.state_dir = reader.read_string(entry);
+    } else if (entry.name == "tool_socket") {
+      config.tool_socket = reader.read_string(entry);
     } else if (entry.name == "log_level") {
       config.log_level = reader.read_choice(entry, kLogLevels);
     } else if (entry.name == "kv") {
@@ -529,6 +532,7 @@ std::vector<std::string> restart_required_changes(const DaemonConfig& running, c
   compare(running.context != reloaded.context, "context");
   compare(running.socket != reloaded.socket, "socket");
   compare(running.state_dir != reloaded.state_dir, "state_dir");
+  compare(running.tool_socket != reloaded.tool_socket, "tool_socket");
   const KvConfig& a = running.kv;
   const KvConfig& b = reloaded.kv;
   compare(a.block_tokens != b.block_tokens, "kv.block_tokens");
@@ -590,6 +594,14 @@ std::optional<int64_t> parse_size(std::string_view text) {
     if (__builtin_add_overflow(bytes, static_cast<int64_t>(part), &bytes)) return std::nullopt;
   }
   return bytes;
+}
+
+std::string tools_socket_path(const DaemonConfig& config, const std::string& socket) {
+  if (config.tool_socket == "off") return "";
+  if (!config.tool_socket.empty()) return config.tool_socket;
+  const std::filesystem::path main(socket);
+  const std::string name = main.filename() == "den.sock" ? "tools.sock" : main.stem().string() + "-tools.sock";
+  return (main.parent_path() / name).string();
 }
 
 std::string format_size(int64_t bytes) {

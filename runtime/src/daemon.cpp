@@ -152,6 +152,8 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
   const std::string socket = socket_path(config.socket);
   Server server(io, service, socket, config.limits);
   service.server_stats = [&server] { return server.stats(); };
+  const std::string tools_socket = tools_socket_path(config, socket);
+  if (!tools_socket.empty()) service.accept_tool_servers(tools_socket);
   std::unique_ptr<MetricsListener> metrics;
   if (config.metrics_listen) {
     metrics = std::make_unique<MetricsListener>(io, *config.metrics_listen, [&service] { return service.prometheus_text(); });

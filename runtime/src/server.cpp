@@ -19,6 +19,7 @@
 
 #include "den/runtime/json_rpc.h"
 #include "den/runtime/log.h"
+#include "unix_listener.h"
 
 namespace den::runtime {
 namespace asio = boost::asio;
@@ -44,17 +45,6 @@ void prepare_directory(const std::filesystem::path& dir) {
     return;
   }
   if (!S_ISDIR(st.st_mode)) throw std::runtime_error("socket directory " + dir.string() + " is not a directory");
-}
-
-bool someone_listens(const std::string& path) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  const bool ok = ::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0;
-  ::close(fd);
-  return ok;
 }
 
 }  // namespace
@@ -285,21 +275,16 @@ Server::Server(asio::io_context& io, Service& service, std::string socket_path, 
                              std::to_string(sizeof(sockaddr_un::sun_path) - 1) + " bytes a Unix socket allows");
   }
   prepare_directory(std::filesystem::path(path_).parent_path());
-  struct stat st {};
-  if (::lstat(path_.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode)) throw std::runtime_error(path_ + " exists and is not a socket: remove it or choose another --socket");
-    if (someone_listens(path_)) throw std::runtime_error("a daemon already listens at " + path_ + " (den stats talks to it)");
-    ::unlink(path_.c_str());  // stale: left by a daemon that did not exit cleanly
-  }
-  const mode_t old_mask = ::umask(0177);  // the socket is born 0600
+  const UnixListener listener = listen_unix(path_, "a daemon already listens at " + path_ + " (den stats talks to it)",
+                                            "remove it or choose another --socket");
   boost::system::error_code ec;
-  state_->acceptor.open(local_socket(), ec);
-  if (!ec) state_->acceptor.bind(local_socket::endpoint(path_), ec);
-  ::umask(old_mask);
-  if (!ec) state_->acceptor.listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) throw std::runtime_error("cannot listen at " + path_ + ": " + ec.message());
-  ::chmod(path_.c_str(), 0600);
-  if (::lstat(path_.c_str(), &st) == 0) state_->socket_inode = st.st_ino;
+  state_->acceptor.assign(local_socket(), listener.fd, ec);
+  if (ec) {
+    ::close(listener.fd);
+    unlink_if_ours(path_, listener.inode);
+    throw std::runtime_error("cannot listen at " + path_ + ": " + ec.message());
+  }
+  state_->socket_inode = listener.inode;
 }
 
 Server::~Server() {
@@ -313,11 +298,8 @@ void Server::start() {
 void Server::stop_accepting() {
   // Runs on whatever thread; the acceptor's close is posted when the io thread runs.
   auto s = state_;
-  if (s->socket_inode != 0) {
-    struct stat st {};
-    if (::lstat(path_.c_str(), &st) == 0 && st.st_ino == s->socket_inode) ::unlink(path_.c_str());
-    s->socket_inode = 0;
-  }
+  unlink_if_ours(path_, s->socket_inode);
+  s->socket_inode = 0;
   if (s->io.stopped()) {
     boost::system::error_code ignored;
     s->acceptor.close(ignored);

@@ -137,7 +137,7 @@ Service::Service(const DaemonConfig& config, const engine::Model& model, engine:
   control_pool_ = std::make_unique<boost::asio::thread_pool>(2);
   operations_pool_ = std::make_unique<boost::asio::thread_pool>(4);
   const auto tool_timeout = std::chrono::milliseconds(static_cast<int64_t>(config.limits.tool_seconds * 1000));
-  if (!config.tools.empty()) tools_ = std::make_unique<ToolRegistry>(config.tools, tool_timeout);
+  tools_ = std::make_unique<ToolRegistry>(config.tools, tool_timeout);  // servers may dial in later
   if (!sessions.config().state_dir.empty()) {
     AgentRuntimeConfig agents;
     agents.store_path = sessions.config().state_dir / "agents.sqlite";
@@ -955,6 +955,15 @@ json::object Service::stats() const {
       {"requests_cancelled", e.requests_cancelled},
       {"requests_failed", e.requests_failed}};
   if (agents_) o["agents"] = agents_->stats();
+  json::array tool_servers;
+  for (const ToolRegistry::ServerStatus& t : tools_->status()) {
+    json::object server{{"name", t.name},         {"dialed_in", t.dialed_in}, {"running", t.running},
+                        {"tools", t.tools},       {"calls", t.calls},         {"failures", t.failures},
+                        {"restarts", t.restarts}};
+    if (!t.last_error.empty()) server["last_error"] = t.last_error;
+    tool_servers.push_back(std::move(server));
+  }
+  o["tool_servers"] = std::move(tool_servers);
   o["ttft_ms"] = quantiles_ms(e.ttft);
   o["time_per_output_token_ms"] = quantiles_ms(e.time_per_output_token);
   o["sessions"] = json::object{{"total", m.sessions}, {"pinned", pinned}, {"by_tier", std::move(by_tier)}};

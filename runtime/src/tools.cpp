@@ -1,9 +1,11 @@
-// The MCP client for stdio tool servers (ToolRegistry) and the reader of tool calls in model
-// output (parse_tool_calls), as declared in tools.h. The agent runtime uses both.
+// The MCP client for tool servers (ToolRegistry) and the reader of tool calls in model output
+// (parse_tool_calls), as declared in tools.h. The agent runtime uses both.
 //
 // Threads. Each server has one thread that does everything for it in a poll() loop: its
 // child's stdout (JSON-RPC lines), stderr (logged), stdin (queued writes), the deadlines of its
-// calls, starts and restarts. A server's protocol state thus has a single owner and no I/O
+// calls, starts and restarts. A dial-in server is the same loop over the two ends of one
+// socket (a dup'ed fd for writing), with no stderr and no restarts. One listener thread
+// accepts dial-ins. A server's protocol state thus has a single owner and no I/O
 // happens under a lock; other threads only hand calls over and wake it (an eventfd). One
 // completion thread per registry runs the callers' completions in order, holding no lock, so a
 // completion may call() again. A call's completion is claimed by an atomic flag: whoever
@@ -16,6 +18,9 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,10 +33,12 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <utility>
 
 #include "den/runtime/log.h"
+#include "unix_listener.h"
 
 extern char** environ;
 
@@ -53,6 +60,7 @@ constexpr milliseconds kTermGrace{2000};      // SIGTERM, then SIGKILL
 constexpr milliseconds kFirstBackoff{500};    // after a failed start; doubles per failure
 constexpr milliseconds kMaxBackoff{30000};
 constexpr int kMaxListPages = 100;  // nextCursor loops end here
+constexpr size_t kMaxDialIns = 64;  // connected dial-in servers; more are refused
 constexpr int kUnknownStatus = -1;  // waitpid could not tell
 
 std::string errno_text(int error) { return std::strerror(error); }
@@ -469,12 +477,53 @@ std::string rpc_error_text(const json::value& error, int64_t* code_out = nullptr
   return message;
 }
 
-// One configured server: its process (restarted as needed), its listing and its calls.
+// Server names in use. Configured names are reserved for good; a dial-in claims one when it
+// initializes and gives it back when it hangs up, so one that reconnects gets its name again.
+class NameBook {
+ public:
+  explicit NameBook(std::set<std::string> reserved) : taken_(std::move(reserved)) {}
+
+  // `wanted` cut to the characters a server name may have; "-2", "-3", … added when taken.
+  std::string claim(std::string_view wanted) {
+    std::string base;
+    for (char c : wanted.substr(0, 64)) {
+      const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+      base += ok ? c : '_';
+    }
+    if (base.empty()) base = "remote";
+    std::lock_guard lock(mu_);
+    std::string name = base;
+    for (int n = 2; taken_.count(name); ++n) name = base + "-" + std::to_string(n);
+    taken_.insert(name);
+    return name;
+  }
+  void release(const std::string& name) {
+    std::lock_guard lock(mu_);
+    taken_.erase(name);
+  }
+
+ private:
+  std::mutex mu_;
+  std::set<std::string> taken_;
+};
+
+// One server: a configured one (its process restarted as needed) or one that dialed in (its
+// connection; gone for good when it hangs up), its listing and its calls.
 class ToolServer {
  public:
   explicit ToolServer(ToolServerConfig config)
-      : config_(std::move(config)), wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+      : config_(std::move(config)), wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)), name_(config_.name) {
     if (!wake_fd_) throw std::runtime_error("tool server '" + config_.name + "': eventfd failed: " + errno_text(errno));
+  }
+  // A dial-in: `connection` is the accepted socket (non-blocking, close-on-exec). Until its
+  // initialize names it, it goes by `label` and cannot be called.
+  ToolServer(Fd connection, std::string label, std::shared_ptr<NameBook> names)
+      : dialed_in_(true),
+        wake_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+        name_(std::move(label)),
+        names_(std::move(names)),
+        connection_(std::move(connection)) {
+    if (!wake_fd_) throw std::runtime_error("dial-in tool server: eventfd failed: " + errno_text(errno));
   }
   ~ToolServer() {
     request_stop();
@@ -483,7 +532,19 @@ class ToolServer {
   ToolServer(const ToolServer&) = delete;
   ToolServer& operator=(const ToolServer&) = delete;
 
-  const std::string& name() const { return config_.name; }
+  std::string name() const {
+    std::lock_guard lock(mu_);
+    return name_;
+  }
+  // Whether calls may be addressed to it: not a dial-in that is unnamed yet or gone.
+  bool callable() const {
+    std::lock_guard lock(mu_);
+    return !gone_ && (!dialed_in_ || named_);
+  }
+  bool gone() const {
+    std::lock_guard lock(mu_);
+    return gone_;
+  }
 
   void start() {
     thread_ = std::thread([this] { run(); });
@@ -520,8 +581,12 @@ class ToolServer {
       if (stopping_) {
         refusal = ToolError(ToolError::Kind::cancelled,
                             "tool call '" + call->qualified + "' was cancelled: the tool registry is shutting down");
+      } else if (gone_) {
+        refusal = ToolError(ToolError::Kind::server_failed,
+                            "tool '" + call->qualified + "' is unavailable: " + who() + " disconnected");
+        ++failures_;
       } else if (listed_) {
-        refusal = check_call(config_.name, tools_, *call);
+        refusal = check_call(name_, tools_, *call);
         if (refusal) ++failures_;
       }
       if (!refusal) incoming_.push_back(call);
@@ -541,8 +606,9 @@ class ToolServer {
   ToolRegistry::ServerStatus status() const {
     std::lock_guard lock(mu_);
     ToolRegistry::ServerStatus s;
-    s.name = config_.name;
+    s.name = name_;
     s.running = running_;
+    s.dialed_in = dialed_in_;
     s.tools = static_cast<int32_t>(tools_.size());
     s.calls = calls_;
     s.failures = failures_;
@@ -559,7 +625,7 @@ class ToolServer {
     std::shared_ptr<PendingCall> call;  // for RequestKind::call
   };
 
-  std::string who() const { return "tool server '" + config_.name + "'"; }
+  std::string who() const { return "tool server '" + name_ + "'"; }
 
   void run() {
     // A write to a server that closed its stdin must give EPIPE here, not end the process.
@@ -572,7 +638,7 @@ class ToolServer {
     for (;;) {
       {
         std::lock_guard lock(mu_);
-        if (stopping_) break;
+        if (stopping_ || gone_) break;
         for (auto& call : incoming_) waiting_.push_back(std::move(call));
         incoming_.clear();
       }
@@ -588,7 +654,7 @@ class ToolServer {
     try {
       f();
     } catch (const std::exception& e) {
-      log_error("tool server thread failed", {{"server", config_.name}, {"error", e.what()}});
+      log_error("tool server thread failed", {{"server", name_}, {"error", e.what()}});
       try {
         end_process(ToolError::Kind::server_failed, std::string("failed inside den: ") + e.what(), kClosePatience);
       } catch (...) {
@@ -666,7 +732,7 @@ class ToolServer {
       waiting_.pop_front();
       if (call->finished()) continue;
       // tools_ is written only by this thread, so reading it here needs no lock.
-      if (auto problem = check_call(config_.name, tools_, *call)) {
+      if (auto problem = check_call(name_, tools_, *call)) {
         fail_call(*call, problem->kind(), problem->what());
         continue;
       }
@@ -690,9 +756,10 @@ class ToolServer {
   }
 
   void launch() {
+    if (dialed_in_) return attach_connection();
     ++starts_;
     log_info(starts_ == 1 ? "starting tool server" : "restarting tool server",
-             {{"server", config_.name}, {"command", command_text()}});
+             {{"server", name_}, {"command", command_text()}});
     if (starts_ > 1) {
       std::lock_guard lock(mu_);
       ++restarts_;
@@ -719,10 +786,29 @@ class ToolServer {
       std::lock_guard lock(mu_);
       running_ = true;
     }
+    send_initialize();
+  }
+
+  void send_initialize() {
     send_request(RequestKind::initialize, "initialize",
                  json::object{{"protocolVersion", kProtocolVersion},
                               {"capabilities", json::object{}},
                               {"clientInfo", {{"name", "den"}, {"version", DEN_VERSION}}}});
+  }
+
+  // A dial-in's one "start": the socket is its stdin and stdout.
+  void attach_connection() {
+    phase_ = Phase::initializing;
+    start_deadline_ = Clock::now() + kStartTimeout;
+    if (!connection_) return end_process(ToolError::Kind::server_failed, "has no connection", kClosePatience);
+    stdin_ = Fd(::fcntl(connection_.get(), F_DUPFD_CLOEXEC, 0));
+    if (!stdin_) return end_process(ToolError::Kind::server_failed, "dup failed: " + errno_text(errno), kClosePatience);
+    stdout_ = std::move(connection_);
+    {
+      std::lock_guard lock(mu_);
+      running_ = true;
+    }
+    send_initialize();
   }
 
   std::string command_text() const {
@@ -743,6 +829,7 @@ class ToolServer {
       const std::string exit = describe_exit(child_.stop(patience));
       if (reason.empty()) reason = exit;
     }
+    if (reason.empty()) reason = dialed_in_ ? "hung up" : "ended";
     if (stderr_) read_log();  // what it said last, now that it is gone
     if (!log_line_.empty()) emit_log_line();
     if (!last_log_line_.empty() && kind == ToolError::Kind::server_failed)
@@ -753,14 +840,30 @@ class ToolServer {
     phase_ = Phase::stopped;
 
     const std::string message = who() + " " + reason;
-    log_warn(was_starting ? "tool server failed to start" : "tool server failed",
-             {{"server", config_.name}, {"error", reason}});
+    if (dialed_in_) {
+      log_info("dial-in tool server gone", {{"server", name_}, {"reason", reason}});
+    } else {
+      log_warn(was_starting ? "tool server failed to start" : "tool server failed",
+               {{"server", name_}, {"error", reason}});
+    }
+    const char* after = dialed_in_ ? "; it must dial in again" : "; it restarts on the next call";
     for (auto& [id, request] : requests_) {
       if (request.kind == RequestKind::call)
-        fail_call(*request.call, kind,
-                  "tool '" + request.call->qualified + "' failed: " + message + "; it restarts on the next call");
+        fail_call(*request.call, kind, "tool '" + request.call->qualified + "' failed: " + message + after);
     }
     requests_.clear();
+    if (dialed_in_) {
+      // Nothing restarts it: its calls fail now and the loop ends (run() sees gone_).
+      for (const auto& call : waiting_)
+        fail_call(*call, ToolError::Kind::server_failed, "tool '" + call->qualified + "' is unavailable: " + message);
+      waiting_.clear();
+      std::lock_guard lock(mu_);
+      running_ = false;
+      gone_ = true;
+      tools_.clear();
+      last_error_ = reason;
+      return;
+    }
     if (was_starting) {
       ++start_failures_in_row_;
       last_start_failure_ = reason;
@@ -787,8 +890,12 @@ class ToolServer {
       incoming.swap(incoming_);
     }
     const auto cancel = [&](PendingCall& call) {
-      fail_call(call, ToolError::Kind::cancelled,
-                "tool call '" + call.qualified + "' was cancelled: the tool registry is shutting down");
+      if (gone_) {
+        fail_call(call, ToolError::Kind::server_failed, "tool '" + call.qualified + "' is unavailable: " + who() + " hung up");
+      } else {
+        fail_call(call, ToolError::Kind::cancelled,
+                  "tool call '" + call.qualified + "' was cancelled: the tool registry is shutting down");
+      }
     };
     for (const auto& call : incoming) cancel(*call);
     for (const auto& call : waiting_) cancel(*call);
@@ -804,6 +911,7 @@ class ToolServer {
       std::lock_guard lock(mu_);
       running_ = false;
     }
+    if (dialed_in_ && named_) names_->release(name_);
     mark_first_start_done();
   }
 
@@ -884,7 +992,7 @@ class ToolServer {
       sigaddset(&pipe_signal, SIGPIPE);
       const timespec no_wait{};
       ::sigtimedwait(&pipe_signal, nullptr, &no_wait);
-      log_debug("tool server closed its stdin", {{"server", config_.name}, {"error", errno_text(error)}});
+      log_debug("tool server closed its stdin", {{"server", name_}, {"error", errno_text(error)}});
       stdin_.reset();
     }
     if (written_ == to_server_.size()) {
@@ -925,7 +1033,7 @@ class ToolServer {
   void emit_log_line() {
     const std::string_view line = trim(log_line_);
     if (!line.empty()) {
-      log_info("tool server log", {{"server", config_.name}, {"line", std::string(line)}});
+      log_info("tool server log", {{"server", name_}, {"line", std::string(line)}});
       last_log_line_ = std::string(line);
     }
     log_line_.clear();
@@ -961,7 +1069,7 @@ class ToolServer {
     if (!stdout_) return;  // the process ended on the way
     from_server_.erase(0, start);
     if (from_server_.size() > kMaxLineBytes) {
-      log_warn("tool server sent an overlong line", {{"server", config_.name}, {"start", preview(from_server_)}});
+      log_warn("tool server sent an overlong line", {{"server", name_}, {"start", preview(from_server_)}});
       end_process(ToolError::Kind::protocol, "sent a line longer than " + std::to_string(kMaxLineBytes >> 20) + " MiB",
                   kClosePatience);
     }
@@ -973,7 +1081,7 @@ class ToolServer {
     json::error_code ec;
     json::value message = parse_json(line, ec);
     if (ec || !message.is_object()) {
-      log_warn("tool server sent garbage", {{"server", config_.name}, {"line", preview(line, 1000)}});
+      log_warn("tool server sent garbage", {{"server", name_}, {"line", preview(line, 1000)}});
       end_process(ToolError::Kind::protocol,
                   std::string("sent a line that is not a JSON-RPC message") + (ec ? " (" + ec.message() + ")" : "") +
                       ": '" + preview(line) + "'",
@@ -994,7 +1102,7 @@ class ToolServer {
       on_response(*id, m);
     } else {
       log_warn("tool server sent a message that is neither a request nor a response",
-               {{"server", config_.name}, {"line", preview(line, 1000)}});
+               {{"server", name_}, {"line", preview(line, 1000)}});
     }
   }
 
@@ -1005,7 +1113,7 @@ class ToolServer {
       return;
     }
     log_debug("tool server asked for a method den does not offer",
-              {{"server", config_.name}, {"method", std::string(method)}});
+              {{"server", name_}, {"method", std::string(method)}});
     write_message(json::object{{"jsonrpc", "2.0"},
                                {"id", id},
                                {"error", {{"code", -32601}, {"message", "Method not found: " + std::string(method)}}}});
@@ -1013,7 +1121,7 @@ class ToolServer {
 
   void on_notification(std::string_view method, const json::value& params) {
     if (method == "notifications/tools/list_changed") {
-      log_info("tool server's tools changed", {{"server", config_.name}});
+      log_info("tool server's tools changed", {{"server", name_}});
       if (listing_in_progress_) {
         relist_ = true;
       } else if (phase_ == Phase::ready) {
@@ -1024,11 +1132,11 @@ class ToolServer {
       const json::value* level = p ? p->if_contains("level") : nullptr;
       const json::value* data = p ? p->if_contains("data") : nullptr;
       log_info("tool server message",
-               {{"server", config_.name},
+               {{"server", name_},
                 {"level", level && level->is_string() ? std::string(level->get_string()) : ""},
                 {"data", data ? (data->is_string() ? std::string(data->get_string()) : json::serialize(*data)) : ""}});
     } else {
-      log_debug("tool server notification", {{"server", config_.name}, {"method", std::string(method)}});
+      log_debug("tool server notification", {{"server", name_}, {"method", std::string(method)}});
     }
   }
 
@@ -1038,7 +1146,7 @@ class ToolServer {
     const auto it = ec ? requests_.end() : requests_.find(key);
     if (it == requests_.end()) {
       // A reply to a call that timed out or was cancelled: expected, and dropped.
-      log_debug("tool server replied to no pending request", {{"server", config_.name}, {"id", json::serialize(id)}});
+      log_debug("tool server replied to no pending request", {{"server", name_}, {"id", json::serialize(id)}});
       return;
     }
     Request request = std::move(it->second);
@@ -1068,8 +1176,18 @@ class ToolServer {
         if (const json::value* v = s->get_object().if_contains(key); v && v->is_string())
           info += (info.empty() ? "" : " ") + std::string(v->get_string());
     }
+    if (dialed_in_ && !named_) {
+      std::string wanted;
+      if (const json::value* s = r->if_contains("serverInfo"); s && s->is_object())
+        if (const json::value* n = s->get_object().if_contains("name"); n && n->is_string()) wanted = n->get_string();
+      std::string name = names_->claim(wanted);
+      log_info("tool server dialed in", {{"connection", name_}, {"server", name}});
+      std::lock_guard lock(mu_);
+      name_ = std::move(name);
+      named_ = true;
+    }
     // Older protocol versions are fine: initialize, tools/list and tools/call are the same.
-    log_info("tool server initialized", {{"server", config_.name}, {"protocol", version}, {"server_info", info}});
+    log_info("tool server initialized", {{"server", name_}, {"protocol", version}, {"server_info", info}});
     write_message(json::object{{"jsonrpc", "2.0"}, {"method", "notifications/initialized"}});
     start_listing();
   }
@@ -1091,7 +1209,7 @@ class ToolServer {
       if (phase_ == Phase::initializing) {
         end_process(error ? ToolError::Kind::server_failed : ToolError::Kind::protocol, why, kClosePatience);
       } else {
-        log_warn("tool server listing failed; keeping the previous list", {{"server", config_.name}, {"error", why}});
+        log_warn("tool server listing failed; keeping the previous list", {{"server", name_}, {"error", why}});
       }
       return;
     }
@@ -1111,13 +1229,13 @@ class ToolServer {
       const json::value* name = t ? t->if_contains("name") : nullptr;
       if (!name || !name->is_string() || name->get_string().empty()) {
         log_warn("tool server listed a tool without a name; skipped",
-                 {{"server", config_.name}, {"tool", preview(json::serialize(tool))}});
+                 {{"server", name_}, {"tool", preview(json::serialize(tool))}});
         continue;
       }
       ToolInfo info;
-      info.server = config_.name;
+      info.server = name_;
       info.name = name->get_string();
-      info.qualified = config_.name + "." + info.name;
+      info.qualified = name_ + "." + info.name;
       if (const json::value* d = t->if_contains("description"); d && d->is_string()) info.description = d->get_string();
       const json::value* schema = t->if_contains("inputSchema");
       info.input_schema = schema && schema->is_object() ? *schema : json::value(json::object{{"type", "object"}});
@@ -1125,7 +1243,7 @@ class ToolServer {
     }
     listing_.clear();
     listing_in_progress_ = false;
-    log_info("tool server listed its tools", {{"server", config_.name}, {"tools", tool_names(infos)}});
+    log_info("tool server listed its tools", {{"server", name_}, {"tools", tool_names(infos)}});
     {
       std::lock_guard lock(mu_);
       tools_ = std::move(infos);
@@ -1161,7 +1279,8 @@ class ToolServer {
     }
   }
 
-  const ToolServerConfig config_;
+  const ToolServerConfig config_;  // empty for a dial-in
+  const bool dialed_in_ = false;
   Fd wake_fd_;  // eventfd: new calls, cancels, stop
 
   // Guards what other threads read or hand over.
@@ -1170,6 +1289,9 @@ class ToolServer {
   std::vector<std::shared_ptr<PendingCall>> incoming_;
   bool stopping_ = false;
   bool first_start_done_ = false;
+  std::string name_;              // written by the server thread only (under mu_)
+  bool named_ = false;            // a dial-in's initialize gave it its name
+  bool gone_ = false;             // a dial-in hung up (or broke): it is never used again
   std::vector<ToolInfo> tools_;  // written by the server thread only
   bool listed_ = false;
   bool running_ = false;
@@ -1177,6 +1299,8 @@ class ToolServer {
   std::string last_error_;
 
   // The server thread's alone.
+  std::shared_ptr<NameBook> names_;  // dial-ins: where their name comes from
+  Fd connection_;                    // a dial-in's socket until launch() takes it
   Phase phase_ = Phase::stopped;
   ChildProcess child_;
   Fd stdin_, stdout_, stderr_;
@@ -1252,25 +1376,116 @@ std::string ToolResult::text() const {
 struct ToolRegistry::Impl {
   milliseconds default_timeout{30000};
   std::shared_ptr<CompletionQueue> completions = std::make_shared<CompletionQueue>();
-  std::vector<std::shared_ptr<ToolServer>> servers;
+  std::shared_ptr<NameBook> names;
+
+  mutable std::mutex mu;  // guards servers: dial-ins come and go
+  mutable std::vector<std::shared_ptr<ToolServer>> servers;  // mutable: lookups drop the dial-ins that hung up
+
+  // The dial-in socket, once listen() opened it.
+  std::string listen_path;
+  ino_t listen_inode = 0;
+  Fd listen_fd, listener_wake;
+  std::thread listener;
+  int64_t dial_ins = 0;  // connections accepted so far, for their labels
 
   ~Impl() {
+    if (listener.joinable()) {
+      const uint64_t one = 1;
+      [[maybe_unused]] const ssize_t n = ::write(listener_wake.get(), &one, sizeof one);
+      listener.join();
+    }
+    unlink_if_ours(listen_path, listen_inode);
+    std::vector<std::shared_ptr<ToolServer>> all;
+    {
+      std::lock_guard lock(mu);
+      all.swap(servers);
+    }
     // All servers stop at once (each may take kTermGrace), then the last completions run.
-    for (auto& server : servers) server->request_stop();
-    for (auto& server : servers) server->join();
+    for (auto& server : all) server->request_stop();
+    for (auto& server : all) server->join();
     completions->shutdown();
   }
 
+  // A snapshot without the dial-ins that hung up (dropped here, their threads joined outside the lock).
+  std::vector<std::shared_ptr<ToolServer>> live_servers() const {
+    std::vector<std::shared_ptr<ToolServer>> live, gone;
+    {
+      std::lock_guard lock(mu);
+      for (auto it = servers.begin(); it != servers.end();) {
+        if ((*it)->gone()) {
+          gone.push_back(std::move(*it));
+          it = servers.erase(it);
+        } else {
+          live.push_back(*it++);
+        }
+      }
+    }
+    return live;  // `gone` ends here: each destructor joins a thread that has already left its loop
+  }
+
   std::shared_ptr<ToolServer> find(std::string_view name) const {
-    for (const auto& server : servers)
-      if (server->name() == name) return server;
+    for (const auto& server : live_servers())
+      if (server->callable() && server->name() == name) return server;
     return nullptr;
+  }
+
+  void accept_dial_ins() {
+    for (;;) {
+      pollfd fds[2] = {{listen_fd.get(), POLLIN, 0}, {listener_wake.get(), POLLIN, 0}};
+      if (::poll(fds, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        log_error("tool socket: poll failed; no more dial-ins", {{"error", errno_text(errno)}});
+        return;
+      }
+      if (fds[1].revents) return;
+      Fd connection(::accept4(listen_fd.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+      if (!connection) {
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          log_warn("tool socket: cannot accept a dial-in now", {{"error", errno_text(errno)}});
+          std::this_thread::sleep_for(milliseconds(100));
+        }
+        continue;  // EINTR, EAGAIN, ECONNABORTED: the next one
+      }
+      try {
+        admit(std::move(connection));
+      } catch (const std::exception& e) {
+        log_error("tool socket: dial-in not admitted", {{"error", e.what()}});
+      }
+    }
+  }
+
+  void admit(Fd connection) {
+    ucred peer{};
+    socklen_t size = sizeof peer;
+    if (::getsockopt(connection.get(), SOL_SOCKET, SO_PEERCRED, &peer, &size) != 0 || peer.uid != ::geteuid()) {
+      log_warn("tool socket: refused a dial-in of another user",
+               {{"uid", std::to_string(peer.uid)}, {"pid", std::to_string(peer.pid)}});
+      return;
+    }
+    size_t connected = 0;
+    for (const auto& server : live_servers()) connected += server->status().dialed_in ? 1 : 0;
+    const std::string label = "dial-in#" + std::to_string(++dial_ins);
+    if (connected >= kMaxDialIns) {
+      log_warn("tool socket: refused a dial-in, too many connected",
+               {{"connection", label}, {"pid", std::to_string(peer.pid)}, {"limit", std::to_string(kMaxDialIns)}});
+      return;
+    }
+    log_info("tool socket: dial-in connected", {{"connection", label}, {"pid", std::to_string(peer.pid)}});
+    auto server = std::make_shared<ToolServer>(std::move(connection), label, names);
+    {
+      std::lock_guard lock(mu);
+      servers.push_back(server);
+    }
+    server->start();
   }
 };
 
 ToolRegistry::ToolRegistry(std::vector<ToolServerConfig> servers, milliseconds default_timeout)
     : impl_(std::make_unique<Impl>()) {
   if (default_timeout.count() > 0) impl_->default_timeout = default_timeout;
+  std::set<std::string> configured;
+  for (const auto& config : servers) configured.insert(config.name);
+  impl_->names = std::make_shared<NameBook>(std::move(configured));
   for (auto& config : servers) impl_->servers.push_back(std::make_shared<ToolServer>(std::move(config)));
   for (auto& server : impl_->servers) server->start();
   // The servers start side by side; each gives up by itself after kStartTimeout.
@@ -1280,9 +1495,26 @@ ToolRegistry::ToolRegistry(std::vector<ToolServerConfig> servers, milliseconds d
 
 ToolRegistry::~ToolRegistry() = default;
 
+void ToolRegistry::listen(const std::string& socket_path) {
+  if (impl_->listener.joinable()) throw std::logic_error("ToolRegistry::listen called twice");
+  Fd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake) throw std::runtime_error("tool socket: eventfd failed: " + errno_text(errno));
+  const UnixListener listener =
+      listen_unix(socket_path, "another daemon's tool servers dial in at " + socket_path,
+                  "remove it or set tool_socket to another path (or off)");
+  impl_->listen_fd = Fd(listener.fd);
+  impl_->listen_inode = listener.inode;
+  impl_->listen_path = socket_path;
+  impl_->listener_wake = std::move(wake);
+  impl_->listener = std::thread([impl = impl_.get()] { impl->accept_dial_ins(); });
+  log_info("tool servers may dial in", {{"socket", socket_path}});
+}
+
+const std::string& ToolRegistry::listen_path() const { return impl_->listen_path; }
+
 std::vector<ToolInfo> ToolRegistry::list() const {
   std::vector<ToolInfo> all;
-  for (const auto& server : impl_->servers) {
+  for (const auto& server : impl_->live_servers()) {
     auto tools = server->tools();
     std::move(tools.begin(), tools.end(), std::back_inserter(all));
   }
@@ -1313,7 +1545,7 @@ std::shared_ptr<ToolCall> ToolRegistry::call(std::string_view qualified_name, co
 
 std::vector<ToolRegistry::ServerStatus> ToolRegistry::status() const {
   std::vector<ServerStatus> all;
-  for (const auto& server : impl_->servers) all.push_back(server->status());
+  for (const auto& server : impl_->live_servers()) all.push_back(server->status());
   return all;
 }
 

@@ -260,6 +260,50 @@ return {
   CHECK(daemon.running());
 }
 
+// A tool server that dials in to tools.sock beside den.sock: agents call it by the name it
+// gave, daemon/stats lists it, and when it hangs up the agent gets a clear error.
+TEST_CASE("agents call a tool server that dialed in to tools.sock, and hear when it hangs up") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DEN_SKIP_UNLESS(std::system("python3 -c pass >/dev/null 2>&1") == 0, "python3 is needed for the tool server");
+  DaemonProcess daemon(agent_daemon_args());
+  const std::string tools_socket = (daemon.directory() / "tools.sock").string();
+  REQUIRE(file_exists(tools_socket));
+  DaemonClient client(daemon.socket_path());
+  auto dialed_in = std::make_unique<BackgroundProcess>(
+      std::vector<std::string>{"python3", repo_path("examples/tools/clock_calc.py"), "--connect", tools_socket});
+  const auto listed = [&] {
+    const json::value stats = client.call("daemon/stats");  // kept: a range over a temporary's member dangles
+    for (const json::value& server : stats.at("tool_servers").as_array())
+      if (server.at("name") == "clock_calc" && server.at("dialed_in").as_bool() && server.at("tools").as_int64() == 2)
+        return true;
+    return false;
+  };
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  while (!listed() && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE(listed());
+
+  const char* script = R"lua(
+return {
+  on_message = function(ctx, msg)
+    local result, err = den.tools.call("clock_calc.calculate", {expression = msg.text})
+    ctx:reply(msg, result and ("result: " .. result.text) or ("error: " .. err))
+  end,
+}
+)lua";
+  spawn(client, "calc", script);
+  CHECK(replies_of(send_and_wait(client, "calc", "6*7")) == std::vector<std::string>{"result: 42"});
+
+  dialed_in->kill_and_wait();
+  const auto gone_deadline = Clock::now() + std::chrono::seconds(10);
+  while (listed() && Clock::now() < gone_deadline) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const std::vector<std::string> after = replies_of(send_and_wait(client, "calc", "1+1"));
+  REQUIRE(after.size() == 1);
+  CHECK(after[0].starts_with("error: unknown tool 'clock_calc.calculate'"));
+
+  CHECK(daemon.stop() == 0);
+  CHECK_FALSE(file_exists(tools_socket));  // removed on the way out
+}
+
 // A client waiting for a handler that sleeps hears back when the daemon stops (the message is
 // handled after the restart), and the daemon exits promptly; effects only run inside handlers.
 TEST_CASE("agents answer waiting senders on shutdown and refuse effects outside handlers") {

@@ -311,6 +311,17 @@ TEST_CASE("config - tool servers") {
   CHECK(flow.tools[0].env == std::vector<std::pair<std::string, std::string>>{{"K", "v"}});
 }
 
+TEST_CASE("config - the tool socket is beside the main one unless set or off") {
+  using den::runtime::tools_socket_path;
+  CHECK(parse("").tool_socket.empty());
+  CHECK(tools_socket_path(parse(""), "/run/user/7/den/den.sock") == "/run/user/7/den/tools.sock");
+  CHECK(tools_socket_path(parse(""), "/tmp/x/alpha.sock") == "/tmp/x/alpha-tools.sock");
+  CHECK(tools_socket_path(parse("tool_socket: /srv/den-tools.sock"), "/tmp/den.sock") == "/srv/den-tools.sock");
+  CHECK(tools_socket_path(parse("tool_socket: \"off\""), "/tmp/den.sock").empty());
+  CHECK(tools_socket_path(parse("tool_socket: off"), "/tmp/den.sock").empty());
+  CHECK(error_of("tool_socket: [a]\n") == "den.yaml:1: tool_socket: expected a string, got a list");
+}
+
 TEST_CASE("config - YAML syntax errors carry file and line") {
   const std::string unclosed = error_of("model: x\nkv: {hbm: 1GiB\n");
   CHECK(unclosed.find("den.yaml:") == 0);
@@ -449,6 +460,7 @@ TEST_CASE("config - restart_required_changes lists only what needs a restart") {
   CHECK(only([](DaemonConfig& c) { c.context = 128; }) == Names{"context"});
   CHECK(only([](DaemonConfig& c) { c.socket = "/s"; }) == Names{"socket"});
   CHECK(only([](DaemonConfig& c) { c.state_dir = "/d"; }) == Names{"state_dir"});
+  CHECK(only([](DaemonConfig& c) { c.tool_socket = "off"; }) == Names{"tool_socket"});
   CHECK(only([](DaemonConfig& c) { c.kv.block_tokens = 32; }) == Names{"kv.block_tokens"});
   CHECK(only([](DaemonConfig& c) { c.kv.hbm_bytes = kGiB; }) == Names{"kv.hbm"});
   CHECK(only([](DaemonConfig& c) { c.kv.dram_bytes = kGiB; }) == Names{"kv.dram"});

@@ -1,14 +1,22 @@
 // Agents' tools (runtime/src/tools.cpp): the MCP client against the example servers in
 // examples/tools and the failure modes of tests/fixtures/tools/misbehaving.py (hang, crash,
-// garbage, overlong lines, malformed results, a failed start, exactly-once calls), and
+// garbage, overlong lines, malformed results, a failed start, exactly-once calls), servers
+// that dial in to tools.sock (named, made unique, dropped when they hang up), and
 // parse_tool_calls on the formats models write.
 #include "den/runtime/tools.h"
 
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
@@ -442,6 +450,176 @@ TEST_CASE("tools registry destructor cancels calls in flight") {
   CHECK(kind_of(hung.wait()) == ToolError::Kind::cancelled);
   hung.call->cancel();  // after the registry: harmless
   CHECK(hung.run_count() == 1);
+}
+
+// ---- dial-in servers (ToolRegistry::listen)
+
+// A connected Unix socket to `path`, blocking; -1 when the connect fails.
+int connect_unix(const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) return fd;
+  if (fd >= 0) ::close(fd);
+  return -1;
+}
+
+// A hand-written dial-in server: reads JSON-RPC lines, answers initialize and tools/list with
+// one tool "wait", and never answers tools/call, so the test decides when it hangs up.
+class ScriptedDialIn {
+ public:
+  explicit ScriptedDialIn(const std::string& path) : fd_(connect_unix(path)) { REQUIRE(fd_ >= 0); }
+  ~ScriptedDialIn() { hang_up(); }
+  void hang_up() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  // Answers until a tools/call arrives (its method returned) or 10 s pass.
+  std::string serve_until_call() {
+    const auto deadline = Clock::now() + 10s;
+    std::string buffer;
+    while (Clock::now() < deadline) {
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      char chunk[4096];
+      const ssize_t n = ::read(fd_, chunk, sizeof chunk);
+      if (n <= 0) return "";
+      buffer.append(chunk, static_cast<size_t>(n));
+      for (size_t nl; (nl = buffer.find('\n')) != std::string::npos; buffer.erase(0, nl + 1)) {
+        const json::value message = json::parse(buffer.substr(0, nl));
+        const std::string method(message.at("method").as_string());
+        if (method == "tools/call") return method;
+        json::object result;
+        if (method == "initialize") result = {{"protocolVersion", "2025-06-18"}, {"serverInfo", {{"name", "scripted"}}}};
+        if (method == "tools/list")
+          result = {{"tools", json::array{json::object{{"name", "wait"}, {"inputSchema", {{"type", "object"}}}}}}};
+        if (!message.as_object().contains("id")) continue;  // notifications/initialized
+        const std::string reply =
+            json::serialize(json::object{{"jsonrpc", "2.0"}, {"id", message.at("id")}, {"result", result}}) + "\n";
+        REQUIRE(::write(fd_, reply.data(), reply.size()) == static_cast<ssize_t>(reply.size()));
+      }
+    }
+    return "";
+  }
+
+ private:
+  int fd_;
+};
+
+bool lists(const ToolRegistry& tools, std::string_view qualified) {
+  const auto all = tools.list();
+  return std::any_of(all.begin(), all.end(), [&](const auto& t) { return t.qualified == qualified; });
+}
+
+TEST_CASE("tools accept dial-in servers named by their serverInfo, and drop one that hangs up") {
+  DEN_SKIP_UNLESS(has_python3(), "python3 is not on PATH");
+  TempDir dir;
+  const std::string socket = dir.file("tools.sock");
+  ToolRegistry tools({clock_server()}, 5s);
+  tools.listen(socket);
+  CHECK(tools.listen_path() == socket);
+  struct stat st {};
+  REQUIRE(::stat(socket.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+
+  const std::vector<std::string> dial_in = {"python3", repo_path("examples/tools/clock_calc.py"), "--connect", socket};
+  auto first = std::make_unique<den::test::BackgroundProcess>(dial_in);
+  REQUIRE(eventually([&] { return lists(tools, "clock_calc.calculate"); }));
+  CHECK(text_of(call(tools, "clock_calc.calculate", {{"expression", "6*7"}})) == "42");
+  CHECK(text_of(call(tools, "clock.calculate", {{"expression", "1+1"}})) == "2");  // the spawned one, untouched
+
+  den::test::BackgroundProcess second(dial_in);  // the same serverInfo.name: made unique
+  REQUIRE(eventually([&] { return lists(tools, "clock_calc-2.now"); }));
+  int dialed_in = 0;
+  for (const auto& status : tools.status()) dialed_in += status.dialed_in ? 1 : 0;
+  CHECK(dialed_in == 2);
+
+  first->kill_and_wait();
+  REQUIRE(eventually([&] { return !lists(tools, "clock_calc.calculate"); }));
+  const Outcome gone = call(tools, "clock_calc.calculate", {{"expression", "1"}});
+  CHECK(kind_of(gone) == ToolError::Kind::unknown_tool);
+  CHECK(contains(gone.message(), "clock_calc-2.calculate"));  // what is there instead
+  CHECK(text_of(call(tools, "clock_calc-2.calculate", {{"expression", "2**10"}})) == "1024");
+
+  // Its name was given back: the next one to dial in gets it.
+  den::test::BackgroundProcess third(dial_in);
+  REQUIRE(eventually([&] { return lists(tools, "clock_calc.now"); }));
+}
+
+TEST_CASE("tools fail a dial-in's call in flight when it hangs up") {
+  TempDir dir;
+  ToolRegistry tools({}, 5s);
+  tools.listen(dir.file("tools.sock"));
+  ScriptedDialIn server(dir.file("tools.sock"));
+  std::thread serving([&] { CHECK(server.serve_until_call() == "tools/call"); });
+  REQUIRE(eventually([&] { return lists(tools, "scripted.wait"); }));
+  Flight flight = start(tools, "scripted.wait", {}, 20s);
+  serving.join();  // the call reached it
+  server.hang_up();
+  const Outcome outcome = flight.wait();
+  CHECK(kind_of(outcome) == ToolError::Kind::server_failed);
+  CHECK(contains(outcome.message(), "tool server 'scripted' hung up"));
+  CHECK(contains(outcome.message(), "dial in again"));
+  REQUIRE(eventually([&] { return tools.status().empty(); }));
+}
+
+TEST_CASE("tools refuse a live tools socket and a file that is not a socket, and replace a stale one") {
+  TempDir dir;
+  const std::string socket = dir.file("tools.sock");
+  {
+    ToolRegistry first({}, 5s);
+    first.listen(socket);
+    ToolRegistry second({}, 5s);
+    CHECK_THROWS_WITH_AS(second.listen(socket), doctest::Contains("another daemon's tool servers dial in at"),
+                         std::runtime_error);
+  }
+  CHECK_FALSE(den::test::file_exists(socket));  // the registry removed its file
+
+  den::test::write_file(dir.file("plain"), "not a socket");
+  ToolRegistry tools({}, 5s);
+  CHECK_THROWS_WITH_AS(tools.listen(dir.file("plain")), doctest::Contains("exists and is not a socket"),
+                       std::runtime_error);
+  CHECK(den::test::read_file(dir.file("plain")) == "not a socket");  // untouched
+
+  // A socket file no one listens on any more, as a killed daemon leaves it.
+  const int stale = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, socket.c_str(), sizeof addr.sun_path - 1);
+  REQUIRE(::bind(stale, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  ::close(stale);
+  tools.listen(socket);
+  const int fd = connect_unix(socket);
+  CHECK(fd >= 0);
+  if (fd >= 0) ::close(fd);
+}
+
+TEST_CASE("tools refuse a dial-in of another user") {
+  DEN_SKIP_UNLESS(::geteuid() == 0, "needs root, to connect as a second user");
+  TempDir dir;
+  const std::string socket = dir.file("tools.sock");
+  ToolRegistry tools({}, 5s);
+  tools.listen(socket);
+  // Open the file permissions so that only SO_PEERCRED stands in the way.
+  ::chmod(dir.path().c_str(), 0755);
+  ::chmod(socket.c_str(), 0666);
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) _exit(10);
+    const int fd = connect_unix(socket);
+    if (fd < 0) _exit(11);
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 5000) != 1) _exit(12);  // den speaks first (initialize) or closes
+    char buf[256];
+    _exit(::read(fd, buf, sizeof buf) <= 0 ? 0 : 13);  // closed, no initialize
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(tools.status().empty());
 }
 
 TEST_CASE("tools parse Hermes tool calls") {

@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <csignal>
 #include <fstream>
 #include <sstream>
@@ -76,6 +77,29 @@ std::optional<std::string> default_model() {
   const std::string path = runtime::default_model_path();
   if (!file_exists(path)) return std::nullopt;
   return path;
+}
+
+BackgroundProcess::BackgroundProcess(const std::vector<std::string>& argv) {
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  const int rc = posix_spawnp(&pid_, args[0], &actions, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) throw std::runtime_error("cannot run " + argv[0] + ": " + std::strerror(rc));
+}
+
+BackgroundProcess::~BackgroundProcess() { kill_and_wait(); }
+
+void BackgroundProcess::kill_and_wait() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  int status = 0;
+  while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+  }
+  pid_ = -1;
 }
 
 CommandResult run_den(const std::vector<std::string>& args, const std::string& input) {

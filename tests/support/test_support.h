@@ -3,6 +3,7 @@
 #pragma once
 
 #include <doctest/doctest.h>
+#include <sys/types.h>
 
 #include <algorithm>
 #include <cmath>
@@ -43,6 +44,20 @@ struct CommandResult {
 };
 // Runs the den binary with args, feeding `input` on stdin.
 CommandResult run_den(const std::vector<std::string>& args, const std::string& input = {});
+
+// A program running beside a test (argv[0] looked up in PATH; stdin from /dev/null, stdout and
+// stderr shared with the test). The destructor SIGKILLs and reaps it.
+class BackgroundProcess {
+ public:
+  explicit BackgroundProcess(const std::vector<std::string>& argv);
+  ~BackgroundProcess();
+  BackgroundProcess(const BackgroundProcess&) = delete;
+  BackgroundProcess& operator=(const BackgroundProcess&) = delete;
+  void kill_and_wait();  // SIGKILL, reaped; nothing if it already was
+
+ private:
+  pid_t pid_ = -1;
+};
 
 // A fresh directory under the system temp dir, removed when the object dies.
 class TempDir {

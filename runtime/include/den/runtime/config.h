@@ -75,7 +75,14 @@ struct DaemonConfig {
   SchedulerConfig scheduler;
   std::optional<std::string> metrics_listen;  // "127.0.0.1:9464"; loopback addresses only
   std::vector<ToolServerConfig> tools;
+  // Where MCP servers may dial in: "" = next to the socket (tools_socket_path below), "off" =
+  // nowhere, else a path.
+  std::string tool_socket;
 };
+
+// The dial-in socket for `config` whose main socket is `socket`: tools.sock beside den.sock,
+// <stem>-tools.sock beside any other name; "" when config.tool_socket is "off".
+std::string tools_socket_path(const DaemonConfig& config, const std::string& socket);
 
 // Reads a YAML file over the defaults. Throws ConfigError (file, line, key, expectation).
 DaemonConfig load_config(const std::string& path);
@@ -84,7 +91,7 @@ DaemonConfig parse_config(std::string_view yaml_text, const std::string& source)
 
 // SIGHUP: the keys that differ between the running and the reloaded configuration and only
 // take effect after a restart (model, backend, device, threads, context, socket, state_dir, kv.*,
-// metrics.listen, tools), as dotted names. log_level, limits.* and scheduler.* change live.
+// metrics.listen, tools, tool_socket), as dotted names. log_level, limits.* and scheduler.* change live.
 std::vector<std::string> restart_required_changes(const DaemonConfig& running, const DaemonConfig& reloaded);
 
 // "8GiB", "512MiB", "1.5GB", "4096" (bytes), "0"; binary (KiB..TiB) and decimal (kB..TB)

@@ -75,6 +75,8 @@ class Service {
   CheckpointSummary checkpoint_all(const std::function<void(int64_t, int64_t, int32_t, int32_t)>& progress);
 
   void reload(const DaemonConfig& config);  // SIGHUP: limits and scheduler settings
+  // MCP servers may dial in at `socket_path` from now on (ToolRegistry::listen; throws).
+  void accept_tool_servers(const std::string& socket_path) { tools_->listen(socket_path); }
   boost::json::object stats() const;
   std::string prometheus_text() const;
 

@@ -6,6 +6,11 @@
 // A server that exits is restarted on the next call; its calls in flight fail with a clear
 // error. Tools are named "<server>.<tool>" to agents.
 //
+// Servers may also dial in: listen() opens a Unix socket (tools.sock, next to den.sock) and
+// each connection of the daemon's own user is a server spoken to the same way. Its name is the
+// `serverInfo.name` it gives in initialize (made unique with "-2", "-3", …); when it hangs up
+// its tools are gone and its calls in flight fail. Nothing restarts it: it dials again.
+//
 // Also here: tool calls as models write them (Hermes/ChatML `<tool_call>{…}</tool_call>`, as
 // Qwen and SmolLM2 do, and Llama 3's bare JSON `{"name": …, "parameters": {…}}`).
 #pragma once
@@ -70,6 +75,12 @@ class ToolRegistry {
   ToolRegistry(const ToolRegistry&) = delete;
   ToolRegistry& operator=(const ToolRegistry&) = delete;
 
+  // Accepts dial-in servers at `socket_path` from now on (mode 0600, connections of other
+  // users refused). A stale socket file is replaced; a live one, or any other file, is an
+  // error (std::runtime_error). The registry removes the file when it ends.
+  void listen(const std::string& socket_path);
+  const std::string& listen_path() const;  // "" until listen()
+
   std::vector<ToolInfo> list() const;
 
   // Calls a tool. `done` runs exactly once, on a registry thread: with the result, or with
@@ -81,6 +92,7 @@ class ToolRegistry {
   struct ServerStatus {
     std::string name;
     bool running = false;
+    bool dialed_in = false;  // connected through listen()'s socket, not spawned from the config
     int32_t tools = 0;
     int64_t calls = 0, failures = 0, restarts = 0;
     std::string last_error;
