@@ -21,6 +21,7 @@
 #include <unordered_set>
 #include <utility>
 
+#include "den/memory/failpoints.h"
 #include "den/memory/metadata_store.h"
 #include "den/memory/segment_file.h"
 #include "den/memory/session_manager.h"
@@ -715,6 +716,11 @@ struct SessionManager::Impl {
   // -- durability ----------------------------------------------------------------------------
   void commit_step(std::string_view step) {
     if (config.on_commit_step) config.on_commit_step(step);
+    if (step == "write") failpoint("checkpoint.after_write");
+    if (step == "fsync") failpoint("checkpoint.after_fsync");
+    if (step == "rename") failpoint("checkpoint.after_rename");
+    if (step == "fsync_dir") failpoint("checkpoint.after_fsync_dir");
+    if (step == "commit") failpoint("checkpoint.after_commit");
   }
 
   SessionRecord durable_record(const SessionRecordMem& s) const {
@@ -920,6 +926,7 @@ struct SessionManager::Impl {
     for (const auto& name : doomed) {
       segments.erase(name);
       try {
+        failpoint("cleanup.remove_segment");
         remove_file(kv_dir / name, config.faults);
       } catch (const std::exception&) {
         // Removed at the next start.

@@ -12,6 +12,8 @@
 #include <fstream>
 #include <utility>
 
+#include "den/memory/failpoints.h"
+
 namespace den::memory::sqlite {
 
 std::string statement_label(std::string_view sql) {
@@ -147,8 +149,10 @@ Transaction::~Transaction() {
 }
 
 void Transaction::commit() {
+  failpoint("sqlite.before_commit");  // an error here rolls back in the destructor
   conn_.exec("COMMIT");
   committed_ = true;
+  failpoint("sqlite.after_commit");
 }
 
 // ---- helpers and the open sequence ----

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "den/engine/tokenizer.h"
+#include "den/memory/failpoints.h"
 #include "den/runtime/agent_store.h"
 #include "den/runtime/log.h"
 #include "den/runtime/names.h"
@@ -871,6 +872,7 @@ struct AgentRuntime::Impl {
       lua_rawgeti(L, LUA_REGISTRYINDEX, a.run->ctx_ref);
       lua_getfield(L, -1, "state");
       try {
+        memory::failpoint("agents.serialize_state");
         state_json = json::serialize(lua::to_json(L, -1, "ctx.state"));
       } catch (const std::exception& e) {
         ok = false;
@@ -1192,6 +1194,7 @@ int64_t AgentRuntime::send(std::string_view name, std::string_view sender, const
   }
   const int64_t id = impl.store.enqueue_message(record->id, sender, json::serialize(body));
   asio::post(impl.io, [&impl, agent = record->id] { impl.pump_agent(agent); });
+  memory::failpoint("agents.before_ack");  // stored, and handled even if the sender never hears
   return id;
 }
 

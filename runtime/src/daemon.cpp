@@ -18,6 +18,7 @@
 #include "den/engine/backend.h"
 #include "den/engine/cuda_device.h"
 #include "den/engine/model.h"
+#include "den/memory/failpoints.h"
 #include "den/memory/session_manager.h"
 #include "den/runtime/log.h"
 #include "den/runtime/metrics.h"
@@ -101,6 +102,13 @@ void notify_systemd(const std::string& state) { sd_notify(0, state.c_str()); }
 int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& reload) {
   set_log_level(config.log_level);
   std::signal(SIGPIPE, SIG_IGN);
+  // Tests of crash safety arm failpoints through the environment (memory/failpoints.h).
+  const std::vector<std::string> failpoints = memory::arm_failpoints_from_env();
+  if (!failpoints.empty()) {
+    std::string names;
+    for (const std::string& name : failpoints) names += (names.empty() ? "" : ",") + name;
+    log_warn("failpoints armed from DEN_FAILPOINTS: this daemon will crash or fail on purpose", {{"failpoints", names}});
+  }
   // Signals are taken by the signal_set below; block them until it exists.
   const std::filesystem::path state_dir = state_directory(config.state_dir);
   std::filesystem::create_directories(state_dir);

@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "den/engine/tokenizer.h"
+#include "den/memory/failpoints.h"
 #include "den/runtime/log.h"
 #include "den/runtime/names.h"
 #include "den/runtime/metrics.h"
@@ -111,7 +112,18 @@ struct Service::Call {
     }
   }
   rpc::Params params() const { return rpc::Params(request.params); }
+  bool changes_a_session() const {
+    const std::string_view m = request.method;
+    return m.starts_with("sessions/") && m != "sessions/list" && m != "sessions/get" && m != "sessions/cancel";
+  }
   void ok(json::value result) {
+    if (changes_a_session()) {
+      try {
+        memory::failpoint("sessions.before_ack");
+      } catch (const std::exception& e) {
+        return fail(Error(rpc::internal_error, e.what()));
+      }
+    }
     if (answered.exchange(true)) return;
     busy.reset();
     replier->result(std::move(result));
