@@ -8,9 +8,13 @@
 
 #include <xxhash.h>
 
+#include <sys/statvfs.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <limits>
@@ -823,6 +827,10 @@ struct SessionManager::Impl {
                                 info.entries[k].checksum});
         }
       }
+    } catch (const IoError& e) {
+      lock.lock();
+      if (e.error_code() != ENOSPC && e.error_code() != EDQUOT) throw;
+      throw IoError(disk_full_message(id, total, e.what()), e.error_code());
     } catch (...) {
       lock.lock();
       throw;
@@ -856,6 +864,24 @@ struct SessionManager::Impl {
     if (after.history_version == snapshot_version) after.checkpointed_version = snapshot_version;
     counters.bytes_ssd_written += total;
     gc_segments_locked();
+  }
+
+  // A full disk (or quota) says what the checkpoint needed and what was free, so that whoever
+  // reads it knows how much to free; the session's KV stays in memory meanwhile.
+  std::string disk_full_message(SessionId id, int64_t payload_bytes, const std::string& cause) const {
+    const auto mib = [](int64_t bytes) {
+      char text[32];
+      std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+      return std::string(text);
+    };
+    const int64_t needed = estimated_segment_bytes(payload_bytes / std::max<int64_t>(1, block_bytes));
+    std::string free_text = "unknown";
+    struct statvfs fs_stats {};
+    if (::statvfs(kv_dir.c_str(), &fs_stats) == 0)
+      free_text = mib(static_cast<int64_t>(fs_stats.f_bavail) * static_cast<int64_t>(fs_stats.f_frsize));
+    return "no space on the SSD tier for the checkpoint of session " + std::to_string(id) + ": it needs " +
+           mib(needed) + " in " + kv_dir.string() + ", where " + free_text +
+           " is free; the session stays in memory: free space, then checkpoint again (" + cause + ")";
   }
 
   // A segment's size on disk: header and table, 4 KiB-aligned block strides, a footer page.

@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 
 #include "den/engine/backend.h"
@@ -127,6 +129,9 @@ TEST_CASE("durability: EIO, ENOSPC and short writes fail the checkpoint and chan
       {"open EIO", memory::IoOp::open, {EIO, -1}},
       {"write EIO", memory::IoOp::write, {EIO, -1}},
       {"write ENOSPC", memory::IoOp::write, {ENOSPC, -1}},
+      {"write EDQUOT", memory::IoOp::write, {EDQUOT, -1}},
+      {"open ENOSPC", memory::IoOp::open, {ENOSPC, -1}},
+      {"fsync ENOSPC", memory::IoOp::fsync, {ENOSPC, -1}},
       {"short write", memory::IoOp::write, {0, 1000}},
       {"fsync EIO", memory::IoOp::fsync, {EIO, -1}},
       {"rename EIO", memory::IoOp::rename, {EIO, -1}},
@@ -160,6 +165,64 @@ TEST_CASE("durability: EIO, ENOSPC and short writes fail the checkpoint and chan
       CHECK(m.info(id).generation == 2);
     }
     CHECK(check_recovered(dir.path(), id) == 2);
+  }
+}
+
+TEST_CASE("durability: a full disk or quota during hibernate keeps the session in memory and says what was needed") {
+  for (const int error : {ENOSPC, EDQUOT}) {
+    CAPTURE(error);
+    test::TempDir dir;
+    const auto id = make_generation_one(dir.path());
+    test::FailOp full(memory::IoOp::write, {error, -1}, 0,
+                      [](const std::filesystem::path& path) { return path.string().find(".seg") != std::string::npos; });
+    full.armed = false;
+    auto c = config(dir.path());
+    c.faults = &full;
+    {
+      SessionManager m(c);
+      m.append(id, tokens_of(500, 9));
+      compute(m, id);
+      full.armed = true;
+      auto op = m.hibernate(id, memory::Tier::ssd);
+      op->wait();
+      REQUIRE(op->state() == memory::Operation::State::failed);
+      const std::string message = op->error();
+      CHECK(message.find("no space on the SSD tier for the checkpoint of session") != std::string::npos);
+      CHECK(message.find("it needs ") != std::string::npos);
+      CHECK(message.find(" is free") != std::string::npos);
+      CHECK(message.find(std::strerror(error)) != std::string::npos);  // the system's own words too
+      // Still in memory, whole, at its old checkpoint.
+      CHECK(m.info(id).tier == memory::Tier::fast);
+      CHECK(m.info(id).generation == 1);
+      CHECK(test::fake_kv_is_exact(m, id));
+      // Space freed: the next checkpoint succeeds.
+      full.armed = false;
+      m.hibernate(id, memory::Tier::ssd)->wait_or_throw();
+      CHECK(m.info(id).generation == 2);
+    }
+    CHECK(check_recovered(dir.path(), id) == 2);
+  }
+}
+
+TEST_CASE("durability: a read error while waking recomputes the KV from the tokens and says so") {
+  for (const auto& [op, name] : std::vector<std::pair<memory::IoOp, const char*>>{{memory::IoOp::read, "read EIO"},
+                                                                                  {memory::IoOp::open, "open EIO"}}) {
+    CAPTURE(std::string(name));
+    test::TempDir dir;
+    const auto id = make_generation_one(dir.path());
+    test::FailOp broken(op, {EIO, -1}, 0,
+                        [](const std::filesystem::path& path) { return path.string().find(".seg") != std::string::npos; });
+    auto c = config(dir.path());
+    c.faults = &broken;
+    SessionManager m(c);
+    auto lease = m.lease(id, 18);
+    REQUIRE(lease.has_value());
+    CHECK(broken.fired());
+    CHECK(lease->kv_tokens() == 0);  // nothing loaded: all of it is to compute
+    test::fake_compute(m, *lease);
+    lease.reset();
+    CHECK(test::fake_kv_is_exact(m, id));
+    CHECK(m.stats().tokens_recomputed == 18);
   }
 }
 
