@@ -648,3 +648,21 @@ TEST_CASE("den sessions, generate, chat and stats against a real den serve") {
   CHECK(gone.exit_code == 1);
   CHECK(gone.err.find("den serve") != std::string::npos);
 }
+
+// A small `den bench abuse` (the full one is in docs/RELIABILITY.md): every malformed line is
+// answered, the oversized frames are counted, and the daemon serves on afterwards.
+TEST_CASE("den bench abuse floods a real den serve, which answers every line and carries on") {
+  DEN_SKIP_UNLESS(den::test::file_exists(den::test::stories_model()), "../shared/models/stories260K is absent");
+  den::test::DaemonProcess daemon({"-m", den::test::stories_model(), "--backend", "cpu", "--threads", "1"});
+  const auto bench = run_den({"bench", "abuse", "--socket", daemon.socket_path(), "--malformed", "20000",
+                              "--requests", "200", "--oversized", "2", "--slow", "5", "--idle", "20"});
+  INFO(bench.out << bench.err);
+  REQUIRE(bench.exit_code == 0);
+  CHECK(bench.out.find("20000 malformed lines") != std::string::npos);
+  CHECK(bench.out.find("20000 answered") != std::string::npos);
+  CHECK(bench.out.find("2 oversized lines") != std::string::npos);
+  CHECK(bench.out.find("p99 under abuse / alone") != std::string::npos);
+  DaemonClient client(daemon.socket_path());
+  CHECK(client.call("sessions/list").at("sessions").as_array().empty());  // its session cleaned up
+  CHECK(daemon.running());
+}

@@ -272,6 +272,7 @@ void add_bench_commands(CLI::App& app) {
   prefill->callback([p] { run_prefill(*p); });
 
   add_bench_resume_command(*bench);
+  add_bench_abuse_command(*bench);
 }
 
 }  // namespace den::runtime::cli
