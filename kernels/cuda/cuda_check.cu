@@ -10,6 +10,33 @@ void check(cudaError_t status, std::source_location where) {
                               where.function_name());
 }
 
+bool is_sticky(cudaError_t code) {
+  switch (code) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorAssert:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorLaunchTimeout:
+      return true;
+    default:
+      return false;
+  }
+}
+
+namespace {
+__global__ void write_through_null(int* target) { *target = 1; }
+}  // namespace
+
+void trigger_illegal_address_cuda(cudaStream_t stream) {
+  write_through_null<<<1, 1, 0, stream>>>(nullptr);
+  check_launch();
+}
+
 bool cuda_device_available() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <optional>
 #include <stdexcept>
 
@@ -12,6 +13,8 @@
 
 namespace den::runtime {
 namespace {
+
+constexpr int kExitDeviceLost = 70;  // EX_SOFTWARE: systemd's Restart=on-failure brings the daemon back
 
 using Clock = std::chrono::steady_clock;
 
@@ -327,6 +330,13 @@ bool Scheduler::step(std::vector<std::unique_ptr<Sequence>>& active) {
   const auto t0 = Clock::now();
   try {
     backend_.forward(inputs, sessions_.fast_view(), step_out_, arrivals.empty() ? nullptr : &arrivals);
+  } catch (const engine::DeviceLost& e) {
+    // Nothing on the device can be trusted or saved, and a shutdown would try to checkpoint KV
+    // from it. What is durable is on disk already: exit now, non-zero, so that the service
+    // manager restarts the daemon and it resumes from the last checkpoints.
+    log_error("the GPU is lost: exiting with status 70 so that a restart resumes from what is durable",
+              {{"error", e.what()}});
+    std::_Exit(kExitDeviceLost);
   } catch (const std::exception& e) {
     log_error("engine step failed", {{"batch", std::to_string(batch.size())}, {"error", e.what()}});
     for (Sequence* seq : batch) {

@@ -502,5 +502,65 @@ TEST_CASE("daemon shuts down on daemon/shutdown with exit code 0") {
   CHECK_FALSE(file_exists(daemon.socket_path()));
 }
 
+
+// GPU faults (cuda backend only; tests/runtime runs on the GPU machine with
+// DEN_TEST_DAEMON_BACKEND=cuda). A refused device allocation fails that step's requests with a
+// clear error and the daemon carries on; a kernel that kills the CUDA context makes the daemon
+// exit with status 70, and a restart resumes every acknowledged history and checkpointed KV.
+TEST_CASE("daemon survives a refused GPU allocation and exits 70 on a lost GPU, resuming what is durable") {
+  DEN_SKIP_UNLESS(test_daemon_backend() == "cuda", "the GPU faults need DEN_TEST_DAEMON_BACKEND=cuda");
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  struct ClearFault {
+    ~ClearFault() { ::unsetenv("DEN_TEST_GPU_FAULT"); }
+  } clear_fault;
+
+  // A refused allocation at the 3rd step: the generation in it fails, the next one works.
+  ::setenv("DEN_TEST_GPU_FAULT", "alloc@3", 1);
+  {
+    DaemonProcess daemon(stories_daemon_args());
+    ::unsetenv("DEN_TEST_GPU_FAULT");
+    DaemonClient client(daemon.socket_path());
+    client.call("sessions/create", {{"name", "a"}});
+    client.call("sessions/generate", with_session(greedy("Once upon a time", 1), "a"));  // step 1
+    client.call("sessions/checkpoint", {{"session", "a"}});
+    client.call("sessions/hibernate", {{"session", "a"}});
+    try {
+      client.call("sessions/generate", {{"session", "a"}, {"max_tokens", 8}, {"temperature", 0}});  // steps 2, 3: fails
+      FAIL("the injected allocation failure did not fail the generation");
+    } catch (const RpcCallError& e) {
+      CHECK(std::string(e.what()).find("out of memory") != std::string::npos);
+    }
+    const json::value a = client.call("sessions/get", {{"session", "a"}});
+    CHECK(a.at("checkpoint").at("generation").to_number<int64_t>() == 1);  // its checkpoint is intact
+    const json::value again = client.call("sessions/generate", {{"session", "a"}, {"max_tokens", 8}, {"temperature", 0}});
+    CHECK(again.at("tokens").at("generated").to_number<int64_t>() == 8);
+    CHECK(daemon.running());
+  }
+
+  // A lost GPU at the 12th step: exit 70; after a restart everything acknowledged is there.
+  ::setenv("DEN_TEST_GPU_FAULT", "kernel@12", 1);
+  DaemonProcess daemon(stories_daemon_args());
+  ::unsetenv("DEN_TEST_GPU_FAULT");
+  int64_t checkpointed_tokens = 0, history_b = 0;
+  {
+    DaemonClient client(daemon.socket_path());
+    client.call("sessions/create", {{"name", "kept"}});
+    client.call("sessions/generate", with_session(greedy("Once upon a time", 6), "kept"));  // steps 1-6
+    checkpointed_tokens =
+        client.call("sessions/checkpoint", {{"session", "kept"}}).at("session").at("kv_tokens").to_number<int64_t>();
+    client.call("sessions/create", {{"name", "b"}});
+    history_b = client.call("sessions/append", {{"session", "b"}, {"text", "The little dog"}}).at("tokens").to_number<int64_t>();
+    CHECK_THROWS(client.call("sessions/generate", {{"session", "b"}, {"max_tokens", 40}, {"temperature", 0}}));
+  }
+  CHECK(daemon.wait_exit() == 70);
+  CHECK(daemon.log().find("the GPU is lost") != std::string::npos);
+  daemon.restart();
+  DaemonClient client(daemon.socket_path());
+  const json::value b = client.call("sessions/get", {{"session", "b"}});
+  CHECK(b.at("tokens").to_number<int64_t>() >= history_b);
+  const json::value resumed = client.call("sessions/generate", {{"session", "kept"}, {"max_tokens", 4}, {"temperature", 0}});
+  CHECK(resumed.at("tokens").at("reused").to_number<int64_t>() >= checkpointed_tokens);  // loaded, not recomputed
+}
+
 }  // namespace
 }  // namespace den::test

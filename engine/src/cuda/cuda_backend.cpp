@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <tuple>
 #include <stdexcept>
@@ -62,6 +63,7 @@ class CudaBackend final : public Backend {
     norm_partial_ = DeviceBuffer(static_cast<size_t>(kernels::kGemvMaxTokens) * (c.n_embd / 2 + 1) * sizeof(float));
     norm_counter_ = DeviceBuffer(sizeof(int32_t));
     kernels::check(cudaMemset(norm_counter_.get(), 0, sizeof(int32_t)));  // the kernels return it to zero
+    read_test_fault();
   }
 
   std::string_view name() const override { return "cuda"; }
@@ -72,6 +74,45 @@ class CudaBackend final : public Backend {
   void forward(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out,
                KvArrival* arrival) override {
     validate_batch(batch, kv, model_, type_, "cuda backend");
+    try {
+      if (fault_step_ > 0 && ++steps_ == fault_step_) inject_test_fault();
+      step(batch, kv, out, arrival);
+    } catch (const kernels::CudaError& e) {
+      if (kernels::is_sticky(e.code())) throw DeviceLost(std::string("the GPU is lost: ") + e.what());
+      throw;
+    }
+  }
+
+ private:
+  // DEN_TEST_GPU_FAULT=kernel@N|alloc@N (tests of issue #7 only): at the Nth step, a kernel
+  // writes through a null pointer (the context dies: DeviceLost), or the step's device
+  // allocation is refused as cudaMalloc refuses it when memory is short (the step fails, the
+  // device lives on).
+  void read_test_fault() {
+    const char* spec = std::getenv("DEN_TEST_GPU_FAULT");
+    if (spec == nullptr || *spec == '\0') return;
+    const std::string_view s(spec);
+    const size_t at = s.find('@');
+    const std::string_view kind = s.substr(0, at);
+    const int64_t step = at == std::string_view::npos ? 0 : std::atoll(std::string(s.substr(at + 1)).c_str());
+    if ((kind != "kernel" && kind != "alloc") || step < 1)
+      throw std::invalid_argument("DEN_TEST_GPU_FAULT: expected kernel@N or alloc@N (N >= 1), got '" + std::string(s) + "'");
+    fault_kernel_ = kind == "kernel";
+    fault_step_ = step;
+  }
+
+  void inject_test_fault() {
+    if (fault_kernel_) {
+      kernels::trigger_illegal_address_cuda(stream_.get());
+      kernels::check(cudaStreamSynchronize(stream_.get()));
+    }
+    throw kernels::CudaError(cudaErrorMemoryAllocation,
+                             "CUDA error cudaErrorMemoryAllocation (out of memory, injected by DEN_TEST_GPU_FAULT) "
+                             "allocating a step's buffers");
+  }
+
+  void step(std::span<const SequenceInput> batch, const kernels::PagedKvView& kv, StepOutput& out,
+            KvArrival* arrival) {
     kernels::check(cudaSetDevice(device_));
     const ModelConfig& c = model_.config();
     const bool fast = kernels::attention_fast_path(kv.layout.dtype, c.head_dim);
@@ -113,7 +154,6 @@ class CudaBackend final : public Backend {
     finish(out, batch.size());
   }
 
- private:
   // Single-token steps use the fused GEMV kernels; larger ones cuBLAS. The GEMV reads x once
   // per token through L1, which grows with the batch: measured on H200, 8B shape, 1K context,
   // per step: batch 1 GEMV 5.8 ms; batch 4 GEMV 9.8 ms; batch 8 GEMV 15.1 ms, cuBLAS 6.6 ms.
@@ -267,6 +307,8 @@ class CudaBackend final : public Backend {
   std::map<GraphKey, kernels::GraphExec> graphs_;
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, hidden_, logits_, sampled_, attention_workspace_;
   DeviceBuffer inv_rms_, norm_partial_, norm_counter_;  // the GEMV path's norm scales
+  int64_t steps_ = 0, fault_step_ = 0;  // DEN_TEST_GPU_FAULT
+  bool fault_kernel_ = false;
 };
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <stdexcept>
 #include <string_view>
 #include <vector>
 
@@ -56,6 +57,14 @@ class KvArrival {
  public:
   virtual ~KvArrival() = default;
   virtual void before_layer(int32_t layer, void* stream) = 0;
+};
+
+// The device can run nothing more: CUDA's sticky errors (an illegal address, a trapped
+// kernel, an uncorrectable ECC error). Nothing on it can be trusted or saved; the daemon exits
+// non-zero so that a restart resumes from what is durable.
+class DeviceLost : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
 };
 
 class Backend {

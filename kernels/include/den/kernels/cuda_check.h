@@ -30,4 +30,13 @@ inline void check_launch(std::source_location where = std::source_location::curr
 // True when a CUDA device is present and usable (tests skip cleanly otherwise).
 bool cuda_device_available();
 
+// Errors after which the CUDA context is unusable until the process ends (an illegal address,
+// a kernel that trapped, an uncorrectable ECC error): every later call fails the same way.
+bool is_sticky(cudaError_t code);
+
+// Test-only: a kernel that writes through a null pointer, so that the context dies with
+// cudaErrorIllegalAddress (the GPU-fault tests of issue #7). No CPU twin: there is nothing to
+// compute.
+void trigger_illegal_address_cuda(cudaStream_t stream);
+
 }  // namespace den::kernels
