@@ -276,6 +276,16 @@ bool Scheduler::step(std::vector<std::unique_ptr<Sequence>>& active) {
         }
         const int32_t kv = seq.lease->kv_tokens();
         const int32_t pending = static_cast<int32_t>(seq.history.size()) - kv;
+        if (pending <= 0) {
+          // Another session's blocks covered the whole history (a block-aligned shared
+          // prefix), but sampling needs the last token's logits: compute that token again.
+          seq.lease.reset();
+          const int32_t last = seq.history.back();
+          sessions_.truncate(id, static_cast<int32_t>(seq.history.size()) - 1);
+          sessions_.append(id, {&last, 1});
+          progressed = true;
+          continue;
+        }
         const bool decoding = pending == 1;
         if ((pass == 0) != decoding) continue;
         int32_t piece = decoding ? 1 : std::min({pending, config.prefill_chunk, budget});

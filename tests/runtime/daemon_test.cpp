@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <future>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -560,6 +561,33 @@ TEST_CASE("daemon survives a refused GPU allocation and exits 70 on a lost GPU, 
   CHECK(b.at("tokens").to_number<int64_t>() >= history_b);
   const json::value resumed = client.call("sessions/generate", {{"session", "kept"}, {"max_tokens", 4}, {"temperature", 0}});
   CHECK(resumed.at("tokens").at("reused").to_number<int64_t>() >= checkpointed_tokens);  // loaded, not recomputed
+}
+
+
+// Found by the soak: a session whose whole, block-aligned history has KV in another session's
+// blocks (the prefix index) must still compute its last token to sample; it used to wait forever.
+TEST_CASE("daemon generates on a history that a shared prefix covers to the last block") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(stories_daemon_args());
+  DaemonClient client(daemon.socket_path());
+  client.call("sessions/create", {{"name", "first"}});
+  client.call("sessions/generate", with_session(greedy("Once upon a time", 40), "first"));
+  const json::value first = client.call("sessions/get", {{"session", "first"}, {"tokens", true}});
+  json::array aligned;  // two whole 16-token blocks of the first session's history
+  for (size_t i = 0; i < 32; ++i) aligned.push_back(first.at("token_ids").as_array()[i]);
+  client.call("sessions/create", {{"name", "second"}});
+  client.call("sessions/append", {{"session", "second"}, {"tokens", aligned}});
+  auto answer = std::async(std::launch::async, [&] {
+    DaemonClient second(daemon.socket_path());
+    return second.call("sessions/generate", {{"session", "second"}, {"max_tokens", 4}, {"temperature", 0}});
+  });
+  REQUIRE_MESSAGE(answer.wait_for(std::chrono::seconds(20)) == std::future_status::ready,
+                  "the generation on a fully shared history did not finish");
+  const json::value r = answer.get();
+  CHECK(r.at("tokens").at("generated").to_number<int64_t>() == 4);
+  // Greedy from the same history: the same continuation as the first session had.
+  const json::value second = client.call("sessions/get", {{"session", "second"}, {"tokens", true}});
+  for (size_t i = 32; i < 36; ++i) CHECK(second.at("token_ids").as_array()[i] == first.at("token_ids").as_array()[i]);
 }
 
 }  // namespace
