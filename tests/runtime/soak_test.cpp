@@ -505,7 +505,34 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
   std::mt19937_64 rng(seed * 7919 + 1);
   const auto& points = memory::known_failpoints();
   const auto start = Clock::now();
+  // A daemon that stops answering would block the harness forever: after 120 s without a new
+  // epoch the watchdog says so and kills it, so that the waiting call fails and the test ends.
+  std::atomic<int64_t> epoch_started_ms{0};
+  std::atomic<bool> finished{false};
+  const auto now_ms = [] {
+    return std::chrono::duration_cast<milliseconds>(Clock::now().time_since_epoch()).count();
+  };
+  epoch_started_ms = now_ms();
+  std::thread watchdog([&] {
+    while (!finished) {
+      std::this_thread::sleep_for(milliseconds(200));
+      if (now_ms() - epoch_started_ms.load() < 120000) continue;
+      std::printf("soak: HANG: the daemon (pid %d) answered nothing for 120 s; killing it\n", static_cast<int>(daemon.pid()));
+      std::fflush(stdout);
+      if (daemon.pid() > 0) ::kill(daemon.pid(), SIGKILL);
+      epoch_started_ms = now_ms();
+    }
+  });
+  struct JoinWatchdog {
+    std::atomic<bool>& finished;
+    std::thread& thread;
+    ~JoinWatchdog() {
+      finished = true;
+      thread.join();
+    }
+  } join_watchdog{finished, watchdog};
   for (int64_t e = 0; e < epochs && Clock::now() - start < std::chrono::seconds(seconds); ++e) {
+    epoch_started_ms = now_ms();
     std::string spec, point;
     if (static_cast<int64_t>(rng() % 100) < failpoint_percent) {
       point = std::string(points[rng() % points.size()].name);
@@ -517,6 +544,7 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
     soak.epoch(spec, point);
   }
   // The last restart ran without failpoints: let the agent catch up, then the final check.
+  epoch_started_ms = now_ms();
   soak.drain(std::chrono::seconds(60));
 
   const Tally& t = soak.tally();
