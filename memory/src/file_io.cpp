@@ -1,6 +1,7 @@
 // POSIX file access for the SSD tier: File (open/pwrite/pread/fsync with O_DIRECT where the
 // filesystem allows it), durable rename, directory fsync, unlink and AlignedBuffer. Every call
-// asks the IoFaultInjector first, so tests can make any of them fail.
+// asks the IoFaultInjector first, so tests can make any of them fail, and reports what it
+// changed to the injector's observers afterwards.
 #include "den/memory/file_io.h"
 
 #include <fcntl.h>
@@ -55,6 +56,7 @@ File::File(const std::filesystem::path& path, Mode mode, bool direct, IoFaultInj
     fd_ = ::open(path_.c_str(), flags, 0600);
   } while (fd_ < 0 && errno == EINTR);
   if (fd_ < 0) throw_io("open", path_, errno);
+  if (faults_ != nullptr && mode == Mode::create_exclusive) faults_->after_create(path_);
   // O_DIRECT is switched on after open rather than passed to it: where a filesystem refuses
   // it (tmpfs before Linux 6.6), open(O_CREAT|O_EXCL|O_DIRECT) fails with EINVAL after having
   // created the file, so a buffered retry would then fail with EEXIST. F_SETFL reports the
@@ -115,6 +117,7 @@ void File::write_at(const void* bytes, int64_t size, int64_t offset) {
     done += n;
   }
   if (drop_direct) ::fcntl(fd_, F_SETFL, saved_flags);
+  if (faults_ != nullptr && done > 0) faults_->after_write(path_, offset, bytes, done);
   if (error != 0) throw_io("write", path_, error, at_offset(size, offset));
   if (short_write) {
     throw_io("write", path_, ENOSPC,
@@ -145,6 +148,7 @@ void File::sync() {
   // No retry on failure: after a failed fsync the kernel may have dropped the dirty pages and a
   // second fsync can report success for data that never reached the disk.
   if (::fsync(fd_) != 0) throw_io("fsync", path_, errno);
+  if (faults_ != nullptr) faults_->after_fsync(path_);
 }
 
 int64_t File::size() const {
@@ -156,6 +160,7 @@ int64_t File::size() const {
 void rename_file(const std::filesystem::path& from, const std::filesystem::path& to, IoFaultInjector* faults) {
   consult(faults, IoOp::rename, "rename", to);
   if (::rename(from.c_str(), to.c_str()) != 0) throw_io("rename", from, errno, "to '" + to.string() + "'");
+  if (faults != nullptr) faults->after_rename(from, to);
 }
 
 void rename_durably(const std::filesystem::path& from, const std::filesystem::path& to, IoFaultInjector* faults) {
@@ -175,11 +180,16 @@ void sync_directory(const std::filesystem::path& dir, IoFaultInjector* faults) {
   const int error = errno;
   close_fd(fd);
   if (rc != 0) throw_io("fsync directory", dir, error);
+  if (faults != nullptr) faults->after_fsync_dir(dir);
 }
 
 void remove_file(const std::filesystem::path& path, IoFaultInjector* faults) {
   consult(faults, IoOp::unlink, "unlink", path);
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT) throw_io("unlink", path, errno);
+  if (::unlink(path.c_str()) == 0) {
+    if (faults != nullptr) faults->after_unlink(path);
+  } else if (errno != ENOENT) {
+    throw_io("unlink", path, errno);
+  }
 }
 
 AlignedBuffer::AlignedBuffer(int64_t bytes) {

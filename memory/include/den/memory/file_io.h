@@ -1,7 +1,8 @@
 // POSIX file access for the SSD tier: RAII descriptors, whole-buffer writes and reads that
 // report errno, fsync of files and directories, atomic rename; and a fault injector through
-// which tests make any of these fail (EIO, ENOSPC, short writes). Used by segment_file and
-// the session manager's checkpoint path.
+// which tests make any of these fail (EIO, ENOSPC, short writes) and watch what reached the
+// page cache (the power-cut simulator). Used by segment_file and the session manager's
+// checkpoint path.
 #pragma once
 
 #include <cstdint>
@@ -31,11 +32,25 @@ struct IoFault {
   int64_t short_write_bytes = -1;  // >= 0: a short write of this many bytes
 };
 
-// Tests subclass this; production passes nullptr everywhere.
+// Tests subclass this; production passes nullptr everywhere. `before` may fail a call; the
+// after_* observers (no-ops by default) see each call that changed the file system, once it
+// succeeded, so that a test can tell what an fsync made durable and what a power cut could
+// still lose.
 class IoFaultInjector {
  public:
   virtual ~IoFaultInjector() = default;
   virtual IoFault before(IoOp op, const std::filesystem::path& path) = 0;
+  // A new empty file (File::Mode::create_exclusive).
+  virtual void after_create(const std::filesystem::path& /*file*/) {}
+  // `size` bytes of `bytes` now at `offset` in the page cache; also the part of a write that
+  // got through before it failed.
+  virtual void after_write(const std::filesystem::path& /*file*/, int64_t /*offset*/, const void* /*bytes*/,
+                           int64_t /*size*/) {}
+  virtual void after_fsync(const std::filesystem::path& /*file*/) {}
+  virtual void after_rename(const std::filesystem::path& /*from*/, const std::filesystem::path& /*to*/) {}
+  virtual void after_fsync_dir(const std::filesystem::path& /*dir*/) {}
+  // Only when a file was removed (remove_file of a missing file reports nothing).
+  virtual void after_unlink(const std::filesystem::path& /*path*/) {}
 };
 
 // A move-only owner of a file descriptor.
