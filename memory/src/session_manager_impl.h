@@ -963,9 +963,17 @@ struct SessionManager::Impl {
   // Start-up: temp files and files without a row go; rows without a file are quarantined;
   // sessions come back with their checkpointed blocks known on SSD (nothing resident).
   void open_store() {
-    fs::create_directories(config.state_dir);
+    // A directory made here must reach the disk itself: its entry in its parent is what a
+    // power cut could otherwise lose, with everything under it.
+    const auto make_durable_directory = [&](const fs::path& dir) {
+      std::vector<fs::path> made;  // the levels that do not exist yet, deepest first
+      for (fs::path p = fs::absolute(dir); p.has_relative_path() && !fs::exists(p); p = p.parent_path()) made.push_back(p);
+      fs::create_directories(dir);
+      for (const fs::path& p : made) sync_directory(p.parent_path(), config.faults);
+    };
+    make_durable_directory(config.state_dir);
     kv_dir = config.state_dir / "kv";
-    fs::create_directories(kv_dir);
+    make_durable_directory(kv_dir);
     store = std::make_unique<MetadataStore>(config.state_dir / "memory.sqlite");
     for (const SegmentRecord& seg : store->segments()) {
       if (!seg.quarantined) segments[seg.name] = seg;
