@@ -531,11 +531,13 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
       thread.join();
     }
   } join_watchdog{finished, watchdog};
+  int64_t failpoint_epochs = 0;
   for (int64_t e = 0; e < epochs && Clock::now() - start < std::chrono::seconds(seconds); ++e) {
     epoch_started_ms = now_ms();
     std::string spec, point;
     if (static_cast<int64_t>(rng() % 100) < failpoint_percent) {
-      point = std::string(points[rng() % points.size()].name);
+      // In turn, so that every point is armed as often as the others.
+      point = std::string(points[static_cast<size_t>(failpoint_epochs++) % points.size()].name);
       const bool crash = rng() % 4 != 0;  // mostly crashes; some injected errors
       spec = point + "=" + (crash ? "crash" : "error") + "@" + std::to_string(1 + rng() % 6);
       ++soak.tally().armed[point];
