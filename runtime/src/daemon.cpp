@@ -206,16 +206,22 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
   signals.async_wait(on_signal);
 
   server.start();
-  std::thread io_thread([&io] {
-    for (;;) {
-      try {
-        io.run();
-        return;
-      } catch (const std::exception& e) {
-        log_error("io thread", {{"error", e.what()}});
+  // Several io threads, each connection on a strand: a client that floods the socket keeps one
+  // of them busy while the others serve everyone else.
+  const unsigned io_threads = std::clamp(std::thread::hardware_concurrency() / 4, 2u, 8u);
+  std::vector<std::thread> io_pool;
+  for (unsigned i = 0; i < io_threads; ++i) {
+    io_pool.emplace_back([&io] {
+      for (;;) {
+        try {
+          io.run();
+          return;
+        } catch (const std::exception& e) {
+          log_error("io thread", {{"error", e.what()}});
+        }
       }
-    }
-  });
+    });
+  }
   log_info("listening", {{"socket", socket}, {"pid", std::to_string(::getpid())}});
   notify_systemd("READY=1\nSTATUS=listening on " + socket);
 
@@ -246,10 +252,10 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
   log_info("sessions checkpointed", {{"sessions", std::to_string(summary.sessions)}, {"failed", std::to_string(summary.failed)},
                                      {"bytes", format_size(summary.bytes)}, {"seconds", std::to_string(summary.seconds)}});
   server.close_all();
-  // Let the io thread write the last answers (each connection closes once written).
+  // Let the io threads write the last answers (each connection closes once written).
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   io.stop();
-  io_thread.join();
+  for (std::thread& t : io_pool) t.join();
   log_info("stopped", {{"seconds", std::to_string(std::chrono::duration<double>(std::chrono::steady_clock::now() - t_stop).count())}});
   return summary.failed == 0 ? 0 : 1;
 }

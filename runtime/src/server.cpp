@@ -1,5 +1,9 @@
-// Connections on the io thread: read, frame, parse, dispatch; answers come back through
-// ConnectionReplier, which posts to the io thread, so a connection is only ever touched there.
+// Connections on the io threads: read, frame, parse, dispatch. Each connection lives on its own
+// strand (its socket's executor), so its handlers never run at once while different
+// connections run side by side: a client flooding the daemon with garbage keeps one thread
+// busy, not the one a well-behaved client is served on. Answers come back through
+// ConnectionReplier, which posts to the connection's strand. The connection table and the
+// limits are shared: State::mu.
 #include "den/runtime/server.h"
 
 #include <sys/socket.h>
@@ -57,42 +61,45 @@ struct Server::State : std::enable_shared_from_this<Server::State> {
   local_socket::acceptor acceptor;
   std::string path;
   ino_t socket_inode = 0;
-  LimitsConfig limits;  // io thread
-  std::map<ConnectionId, std::shared_ptr<Connection>> connections;  // io thread
+  std::mutex mu;  // guards limits, connections and next_id
+  LimitsConfig limits;
+  std::map<ConnectionId, std::shared_ptr<Connection>> connections;
   ConnectionId next_id = 1;
-  bool closing_all = false;
 
   std::atomic<int64_t> open{0}, accepted{0}, refused_uid{0}, refused_limit{0}, dropped_slow{0}, dropped_unread{0},
       oversized_lines{0}, malformed{0};
 
-  State(asio::io_context& io_, Service& service_) : io(io_), service(service_), acceptor(io_) {}
+  // The acceptor on a strand of its own: its handlers and stop_accepting's close never overlap.
+  State(asio::io_context& io_, Service& service_) : io(io_), service(service_), acceptor(asio::make_strand(io_)) {}
   void accept();
 };
 
 struct Connection : std::enable_shared_from_this<Connection> {
   std::shared_ptr<Server::State> server;
   ConnectionId id;
-  local_socket::socket socket;
+  local_socket::socket socket;  // on the connection's strand: every handler below runs there
   asio::steady_timer line_deadline;
+  LimitsConfig limits;  // this connection's copy (set_limits posts new ones)
   rpc::LineFramer framer;
   std::array<char, kReadChunk> buffer{};
   std::deque<std::string> outbox;
   size_t queued_bytes = 0;
   bool writing = false, reading = false, closed = false, close_when_written = false;
 
-  Connection(std::shared_ptr<Server::State> s, ConnectionId i, local_socket::socket sock)
+  Connection(std::shared_ptr<Server::State> s, ConnectionId i, local_socket::socket sock, const LimitsConfig& l)
       : server(std::move(s)),
         id(i),
         socket(std::move(sock)),
-        line_deadline(server->io),
-        framer(static_cast<size_t>(server->limits.line_bytes)) {}
+        line_deadline(socket.get_executor()),
+        limits(l),
+        framer(static_cast<size_t>(l.line_bytes)) {}
 
   void start() { read(); }
 
   void read() {
     if (closed || reading || close_when_written) return;
     // Backpressure: a client that does not read its answers stops being read.
-    if (queued_bytes > static_cast<size_t>(server->limits.client_buffer_bytes) / 2) return;
+    if (queued_bytes > static_cast<size_t>(limits.client_buffer_bytes) / 2) return;
     reading = true;
     socket.async_read_some(asio::buffer(buffer), [self = shared_from_this()](boost::system::error_code ec, size_t n) {
       self->reading = false;
@@ -113,8 +120,8 @@ struct Connection : std::enable_shared_from_this<Connection> {
         ++server->oversized_lines;
         send(rpc::error_response(nullptr, rpc::limit_exceeded,
                                  "request line of " + std::to_string(line.bytes) + " bytes is longer than limits.line_bytes (" +
-                                     std::to_string(server->limits.line_bytes) + ")",
-                                 json::object{{"limit", server->limits.line_bytes}}));
+                                     std::to_string(limits.line_bytes) + ")",
+                                 json::object{{"limit", limits.line_bytes}}));
         continue;
       }
       if (line.text.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank line
@@ -125,7 +132,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
       line_deadline.cancel();
     } else if (was_idle || completed) {
       // A new line started: it has limits.request_seconds to be completed.
-      const auto seconds = server->limits.request_seconds;
+      const auto seconds = limits.request_seconds;
       line_deadline.expires_after(std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
       line_deadline.async_wait([self = shared_from_this(), seconds](boost::system::error_code ec) {
         if (ec || self->closed || self->framer.pending_bytes() == 0) return;
@@ -146,7 +153,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
   void send(std::string message) {
     if (closed) return;
     queued_bytes += message.size();
-    if (queued_bytes > static_cast<size_t>(server->limits.client_buffer_bytes)) {
+    if (queued_bytes > static_cast<size_t>(limits.client_buffer_bytes)) {
       ++server->dropped_unread;
       log_warn("dropping a client that does not read its answers",
                {{"connection", std::to_string(id)}, {"unread_bytes", std::to_string(queued_bytes)}});
@@ -163,7 +170,9 @@ struct Connection : std::enable_shared_from_this<Connection> {
     asio::async_write(socket, asio::buffer(outbox.front()),
                       [self = shared_from_this()](boost::system::error_code ec, size_t n) {
                         self->writing = false;
-                        if (ec) {
+                        // Closed meanwhile (a read failed while this write was in flight): the
+                        // outbox was cleared, so there is nothing here to pop.
+                        if (ec || self->closed) {
                           self->close();
                           return;
                         }
@@ -190,26 +199,35 @@ struct Connection : std::enable_shared_from_this<Connection> {
     queued_bytes = 0;
     server->service.connection_closed(id);
     --server->open;
-    server->connections.erase(id);  // may drop the last owner: nothing may follow
+    std::shared_ptr<Connection> last;  // the table's reference, dropped after the lock
+    {
+      std::lock_guard lock(server->mu);
+      auto it = server->connections.find(id);
+      if (it != server->connections.end()) {
+        last = std::move(it->second);
+        server->connections.erase(it);
+      }
+    }
+    // `last` may be the last owner: it goes when this returns, and nothing follows.
   }
 };
 
-// Answers of one request, posted to the io thread; dropped once the connection is gone.
+// Answers of one request, posted to the connection's strand; dropped once the connection is gone.
 class ConnectionReplier final : public Replier {
  public:
-  ConnectionReplier(asio::io_context& io, std::weak_ptr<Connection> connection, json::value id)
-      : io_(io), connection_(std::move(connection)), id_(std::move(id)) {}
+  ConnectionReplier(asio::any_io_executor strand, std::weak_ptr<Connection> connection, json::value id)
+      : strand_(std::move(strand)), connection_(std::move(connection)), id_(std::move(id)) {}
   void notify(std::string_view method, json::object params) override { post(rpc::notification(method, params)); }
   void result(json::value result) override { post(rpc::response(id_, result)); }
   void error(const rpc::Error& error) override { post(rpc::error_response(id_, error)); }
 
  private:
   void post(std::string line) {
-    asio::post(io_, [weak = connection_, line = std::move(line)]() mutable {
+    asio::post(strand_, [weak = connection_, line = std::move(line)]() mutable {
       if (auto c = weak.lock()) c->send(std::move(line));
     });
   }
-  asio::io_context& io_;
+  asio::any_io_executor strand_;
   std::weak_ptr<Connection> connection_;
   json::value id_;
 };
@@ -218,7 +236,7 @@ void Connection::handle(const std::string& line) {
   json::value request_id;
   rpc::Request request;
   try {
-    request = rpc::parse_request(line, {static_cast<size_t>(server->limits.line_bytes), server->limits.json_depth},
+    request = rpc::parse_request(line, {static_cast<size_t>(limits.line_bytes), limits.json_depth},
                                  &request_id);
   } catch (const rpc::Error& e) {
     ++server->malformed;
@@ -226,12 +244,14 @@ void Connection::handle(const std::string& line) {
     return;
   }
   if (request.notification) return;  // e.g. notifications/initialized: nothing to answer
-  auto replier = std::make_shared<ConnectionReplier>(server->io, weak_from_this(), request.id);
+  auto replier = std::make_shared<ConnectionReplier>(socket.get_executor(), weak_from_this(), request.id);
   server->service.dispatch(id, std::move(request), std::move(replier));
 }
 
 void Server::State::accept() {
-  acceptor.async_accept([self = shared_from_this()](boost::system::error_code ec, local_socket::socket socket) {
+  // Each accepted socket gets a strand of its own.
+  acceptor.async_accept(asio::make_strand(io), [self = shared_from_this()](boost::system::error_code ec,
+                                                                            local_socket::socket socket) {
     if (ec) {
       if (ec != asio::error::operation_aborted && self->acceptor.is_open()) {
         log_warn("accept failed", {{"error", ec.message()}});
@@ -246,21 +266,27 @@ void Server::State::accept() {
       ++self->refused_uid;
       log_warn("refused a connection from another user", {{"uid", std::to_string(peer.uid)}, {"pid", std::to_string(peer.pid)}});
       socket.close(ignored);
-    } else if (self->open.load() >= self->limits.connections) {
-      ++self->refused_limit;
-      const std::string refusal =
-          rpc::error_response(nullptr, rpc::limit_exceeded,
-                              "too many connections (limits.connections = " + std::to_string(self->limits.connections) + ")",
-                              json::object{{"limit", self->limits.connections}});
-      ::send(socket.native_handle(), refusal.data(), refusal.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-      socket.close(ignored);
     } else {
-      ++self->accepted;
-      ++self->open;
-      const ConnectionId id = self->next_id++;
-      auto connection = std::make_shared<Connection>(self, id, std::move(socket));
-      self->connections[id] = connection;
-      connection->start();
+      std::unique_lock lock(self->mu);
+      const LimitsConfig limits = self->limits;
+      if (self->open.load() >= limits.connections) {
+        lock.unlock();
+        ++self->refused_limit;
+        const std::string refusal =
+            rpc::error_response(nullptr, rpc::limit_exceeded,
+                                "too many connections (limits.connections = " + std::to_string(limits.connections) + ")",
+                                json::object{{"limit", limits.connections}});
+        ::send(socket.native_handle(), refusal.data(), refusal.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        socket.close(ignored);
+      } else {
+        ++self->accepted;
+        ++self->open;
+        const ConnectionId id = self->next_id++;
+        auto connection = std::make_shared<Connection>(self, id, std::move(socket), limits);
+        self->connections[id] = connection;
+        lock.unlock();
+        asio::post(connection->socket.get_executor(), [connection] { connection->start(); });
+      }
     }
     if (self->acceptor.is_open()) self->accept();
   });
@@ -292,11 +318,11 @@ Server::~Server() {
 }
 
 void Server::start() {
-  asio::post(state_->io, [s = state_] { s->accept(); });
+  asio::post(state_->acceptor.get_executor(), [s = state_] { s->accept(); });
 }
 
 void Server::stop_accepting() {
-  // Runs on whatever thread; the acceptor's close is posted when the io thread runs.
+  // Runs on whatever thread; the acceptor's close is posted to its strand.
   auto s = state_;
   unlink_if_ours(path_, s->socket_inode);
   s->socket_inode = 0;
@@ -305,25 +331,34 @@ void Server::stop_accepting() {
     s->acceptor.close(ignored);
     return;
   }
-  asio::post(s->io, [s] {
+  asio::post(s->acceptor.get_executor(), [s] {
     boost::system::error_code ignored;
     s->acceptor.close(ignored);
   });
 }
 
 void Server::close_all() {
-  asio::post(state_->io, [s = state_] {
-    std::vector<std::shared_ptr<Connection>> all;
-    for (auto& [id, c] : s->connections) all.push_back(c);
-    for (auto& c : all) {
+  std::vector<std::shared_ptr<Connection>> all;
+  {
+    std::lock_guard lock(state_->mu);
+    for (auto& [id, c] : state_->connections) all.push_back(c);
+  }
+  for (auto& c : all) {
+    asio::post(c->socket.get_executor(), [c] {
       c->close_when_written = true;
       if (!c->writing) c->close();
-    }
-  });
+    });
+  }
 }
 
 void Server::set_limits(const LimitsConfig& limits) {
-  asio::post(state_->io, [s = state_, limits] { s->limits = limits; });
+  std::vector<std::shared_ptr<Connection>> all;
+  {
+    std::lock_guard lock(state_->mu);
+    state_->limits = limits;
+    for (auto& [id, c] : state_->connections) all.push_back(c);
+  }
+  for (auto& c : all) asio::post(c->socket.get_executor(), [c, limits] { c->limits = limits; });
 }
 
 json::object Server::stats() const {

@@ -1,5 +1,6 @@
-// The daemon's Unix-socket listener (Boost.Asio). One io thread owns every connection: it
-// reads newline-delimited JSON-RPC (bounded lines, bounded depth, a deadline per line), checks
+// The daemon's Unix-socket listener (Boost.Asio). The io threads serve the connections, each
+// on a strand of its own (so one never runs on two threads at once, and a flooding client
+// holds up only the thread it runs on): it reads newline-delimited JSON-RPC (bounded lines, bounded depth, a deadline per line), checks
 // each peer's uid with SO_PEERCRED, hands requests to the Service and writes answers in the
 // order they are posted. A client that stops reading is dropped once its unread output passes
 // limits.client_buffer_bytes; one that is too slow to finish a line gets -32009 and is dropped.
@@ -28,7 +29,7 @@ class Server {
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
 
-  void start();           // begins accepting (on the io thread)
+  void start();           // begins accepting (on the io threads)
   void stop_accepting();  // closes the listener and removes the socket file (shutdown)
   void close_all();       // closes every connection once what is queued for it is written
   void set_limits(const LimitsConfig& limits);  // SIGHUP
