@@ -232,40 +232,40 @@ void Service::dispatch(ConnectionId connection, rpc::Request request, std::share
       return;
     }
   }
-  if (call->request.method == "daemon/stats") {
-    // Answered where it arrives (the io thread): it only reads counters, and it is what
-    // operators and health checks poll while everything else is busy.
-    try {
-      daemon_stats(call);
-    } catch (const Error& e) {
-      call->fail(e);
-    }
+  const std::string_view method = call->request.method;
+  if (method == "daemon/stats" || method == "sessions/get" || method == "sessions/list" || method == "models/list") {
+    // Answered where it arrives (the connection's io thread): they only read, under short
+    // locks, and they are what operators and clients poll while everything else is busy. Two
+    // thread hops fewer, and no queue shared with other clients' work.
+    run_here(call, route->second.handler);
     return;
   }
   run_on(route->second.slow ? *operations_pool_ : *control_pool_, call, route->second.handler);
 }
 
 void Service::run_on(boost::asio::thread_pool& pool, const std::shared_ptr<Call>& call, Handler handler) {
-  boost::asio::post(pool, [this, call, handler] {
-    try {
-      (this->*handler)(call);
-    } catch (const Error& e) {
-      call->fail(e);
-    } catch (const memory::SessionError& e) {
-      call->fail(Error(rpc::session_refused, e.what()));
-    } catch (const AgentError& e) {
-      const int code = e.kind() == AgentError::Kind::not_found ? rpc::agent_not_found
-                       : e.kind() == AgentError::Kind::exists  ? rpc::agent_exists
-                       : e.kind() == AgentError::Kind::invalid ? rpc::agent_invalid
-                                                               : rpc::agent_stopped;
-      call->fail(Error(code, e.what()));
-    } catch (const std::invalid_argument& e) {
-      call->fail(Error(rpc::invalid_params, std::string("invalid params: ") + e.what()));
-    } catch (const std::exception& e) {
-      log_error("request failed", {{"method", call->request.method}, {"error", e.what()}});
-      call->fail(Error(rpc::internal_error, std::string("internal error: ") + e.what()));
-    }
-  });
+  boost::asio::post(pool, [this, call, handler] { run_here(call, handler); });
+}
+
+void Service::run_here(const std::shared_ptr<Call>& call, Handler handler) {
+  try {
+    (this->*handler)(call);
+  } catch (const Error& e) {
+    call->fail(e);
+  } catch (const memory::SessionError& e) {
+    call->fail(Error(rpc::session_refused, e.what()));
+  } catch (const AgentError& e) {
+    const int code = e.kind() == AgentError::Kind::not_found ? rpc::agent_not_found
+                     : e.kind() == AgentError::Kind::exists  ? rpc::agent_exists
+                     : e.kind() == AgentError::Kind::invalid ? rpc::agent_invalid
+                                                             : rpc::agent_stopped;
+    call->fail(Error(code, e.what()));
+  } catch (const std::invalid_argument& e) {
+    call->fail(Error(rpc::invalid_params, std::string("invalid params: ") + e.what()));
+  } catch (const std::exception& e) {
+    log_error("request failed", {{"method", call->request.method}, {"error", e.what()}});
+    call->fail(Error(rpc::internal_error, std::string("internal error: ") + e.what()));
+  }
 }
 
 void Service::connection_closed(ConnectionId connection) {

@@ -92,6 +92,7 @@ class Service {
 
   void request_done(bool failed);
   void run_on(boost::asio::thread_pool& pool, const std::shared_ptr<Call>& call, Handler handler);
+  void run_here(const std::shared_ptr<Call>& call, Handler handler);  // errors become the call's answer
   memory::SessionId resolve(const rpc::Params& params, std::string_view key = "session") const;
   std::string session_ref(memory::SessionId id) const;
   boost::json::object session_object(memory::SessionId id) const;
