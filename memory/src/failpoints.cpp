@@ -24,9 +24,10 @@ std::atomic<bool> any_armed{false};
 std::mutex armed_mutex;
 std::map<std::string, Armed, std::less<>> armed;
 
-bool is_known(std::string_view name) {
+const FailpointInfo* find_point(std::string_view name) {
   const auto& all = known_failpoints();
-  return std::any_of(all.begin(), all.end(), [&](const FailpointInfo& f) { return f.name == name; });
+  const auto it = std::find_if(all.begin(), all.end(), [&](const FailpointInfo& f) { return f.name == name; });
+  return it == all.end() ? nullptr : &*it;
 }
 
 }  // namespace
@@ -40,11 +41,11 @@ const std::vector<FailpointInfo>& known_failpoints() {
       {"checkpoint.after_fsync", "the segment fsynced under its temporary name"},
       {"checkpoint.after_rename", "the segment renamed to its final name, directory not yet fsynced"},
       {"checkpoint.after_fsync_dir", "the segment durable, its SQLite rows not yet committed"},
-      {"checkpoint.after_commit", "the checkpoint committed in SQLite, not yet answered"},
+      {"checkpoint.after_commit", "the checkpoint committed in SQLite, not yet answered", false},
       {"sqlite.before_commit", "any SQLite write transaction (session and agent stores), before COMMIT"},
-      {"sqlite.after_commit", "any SQLite write transaction, after COMMIT"},
+      {"sqlite.after_commit", "any SQLite write transaction, after COMMIT", false},
       {"cleanup.remove_segment", "removing a segment no session needs any more (its row already gone)"},
-      {"agents.serialize_state", "an agent handler's ctx.state being converted for its commit"},
+      {"agents.serialize_state", "an agent handler's ctx.state being converted for its commit", false},
       {"agents.before_ack", "a message stored for an agent, before agents/send answers"},
       {"sessions.before_ack", "a session change stored, before the client's answer is sent"},
   };
@@ -68,8 +69,12 @@ void failpoint(std::string_view name) {
 }
 
 void arm_failpoint(std::string_view name, FailAction action, int64_t on_hit) {
-  if (!is_known(name)) throw std::invalid_argument("unknown failpoint '" + std::string(name) + "'");
+  const FailpointInfo* point = find_point(name);
+  if (point == nullptr) throw std::invalid_argument("unknown failpoint '" + std::string(name) + "'");
   if (on_hit < 1) throw std::invalid_argument("failpoint '" + std::string(name) + "': the hit to fire on counts from 1");
+  if (action == FailAction::error && !point->errors)
+    throw std::invalid_argument("failpoint '" + std::string(name) +
+                                "' only crashes: nothing real can fail there (" + std::string(point->where) + ")");
   std::lock_guard lock(armed_mutex);
   armed[std::string(name)] = Armed{action, on_hit};
   any_armed.store(true);
@@ -114,7 +119,9 @@ std::vector<std::string> arm_failpoints_from_env() {
       action = action.substr(0, at);
     }
     if (action != "crash" && action != "error") throw bad("the action must be crash or error");
-    if (!is_known(name)) throw bad("no failpoint is called '" + std::string(name) + "'");
+    const FailpointInfo* point = find_point(name);
+    if (point == nullptr) throw bad("no failpoint is called '" + std::string(name) + "'");
+    if (action == "error" && !point->errors) throw bad("this point only crashes: nothing real can fail there");
     arm_failpoint(name, action == "crash" ? FailAction::crash : FailAction::error, on_hit);
     names.emplace_back(name);
   }

@@ -51,7 +51,11 @@ TEST_CASE("failpoints fire on their Nth hit only, and refuse unknown names") {
   Disarm disarm;
   CHECK_THROWS_WITH_AS(memory::arm_failpoint("no.such.point", FailAction::error),
                        doctest::Contains("unknown failpoint 'no.such.point'"), std::invalid_argument);
-  CHECK_THROWS_AS(memory::arm_failpoint("sqlite.after_commit", FailAction::error, 0), std::invalid_argument);
+  CHECK_THROWS_AS(memory::arm_failpoint("sqlite.before_commit", FailAction::error, 0), std::invalid_argument);
+  // After a commit succeeded nothing real can fail: those points only crash.
+  CHECK_THROWS_WITH_AS(memory::arm_failpoint("sqlite.after_commit", FailAction::error),
+                       doctest::Contains("only crashes"), std::invalid_argument);
+  memory::arm_failpoint("sqlite.after_commit", FailAction::crash, 1000000);
   memory::failpoint("sqlite.after_commit");  // nothing armed: nothing happens
 
   memory::arm_failpoint("cleanup.remove_segment", FailAction::error, 3);
@@ -82,7 +86,8 @@ TEST_CASE("failpoints from DEN_FAILPOINTS, and clear errors for bad entries") {
            {"sqlite.before_commit=explode", "the action must be crash or error"},
            {"sqlite.before_commit=error@0", "whole number >= 1"},
            {"sqlite.before_commit=error@x", "whole number >= 1"},
-           {"nope=crash", "no failpoint is called 'nope'"}}) {
+           {"nope=crash", "no failpoint is called 'nope'"},
+           {"sqlite.after_commit=error", "this point only crashes"}}) {
     CAPTURE(spec);
     CHECK_THROWS_WITH_AS(arm_from(spec), doctest::Contains(why), std::invalid_argument);
   }

@@ -31,16 +31,20 @@ class FailpointError : public IoError {
 };
 
 // Every failpoint there is, in the order of the paths they sit on, with where each is.
+// `errors`: whether an injected error means anything there. After a commit has succeeded, or
+// where no I/O happens, nothing real can fail: those points only crash.
 struct FailpointInfo {
   std::string_view name;
   std::string_view where;
+  bool errors = true;
 };
 const std::vector<FailpointInfo>& known_failpoints();
 
 // Hit a failpoint: crashes or throws when it is armed and this is the hit it waits for.
 void failpoint(std::string_view name);
 
-// Throws std::invalid_argument for a name that is not in known_failpoints() or on_hit < 1.
+// Throws std::invalid_argument for a name that is not in known_failpoints(), on_hit < 1, or
+// FailAction::error at a point that only crashes.
 void arm_failpoint(std::string_view name, FailAction action, int64_t on_hit = 1);
 void disarm_failpoints();
 // Hits of `name` counted since it was armed (0 when it is not armed).
