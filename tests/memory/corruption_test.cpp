@@ -28,14 +28,7 @@ memory::MemoryConfig config(const std::filesystem::path& state, uint64_t fingerp
   return c;
 }
 
-int32_t run(SessionManager& m, memory::SessionId id) {
-  const auto n = static_cast<int32_t>(m.tokens(id).size());
-  auto lease = m.lease(id, n);
-  REQUIRE(lease.has_value());
-  const int32_t missing = n - lease->kv_tokens();
-  test::fake_compute(m, *lease);
-  return missing;
-}
+int32_t run(SessionManager& m, memory::SessionId id) { return test::fake_compute_missing(m, id); }
 
 std::vector<int32_t> tokens_from(int32_t first, int n) {
   std::vector<int32_t> t;

@@ -43,6 +43,16 @@ inline void fake_compute(memory::SessionManager& m, memory::Lease& lease) {
 }
 
 // Every KV value of the session's first kv_tokens tokens is what fake_compute wrote.
+// Leases the whole history, computes the KV it lacks and returns how many tokens that was.
+inline int32_t fake_compute_missing(memory::SessionManager& m, memory::SessionId id) {
+  const auto n = static_cast<int32_t>(m.tokens(id).size());
+  auto lease = m.lease(id, n);
+  REQUIRE(lease.has_value());
+  const int32_t missing = n - lease->kv_tokens();
+  fake_compute(m, *lease);
+  return missing;
+}
+
 inline bool fake_kv_is_exact(memory::SessionManager& m, memory::SessionId id) {
   const std::vector<int32_t> tokens = m.tokens(id);
   auto lease = m.lease(id, static_cast<int32_t>(tokens.size()));

@@ -29,12 +29,6 @@ std::vector<std::string> agent_daemon_args(std::vector<std::string> more = {}) {
   return args;
 }
 
-std::string repo_path(const std::string& relative) {
-  std::filesystem::path fixtures = std::filesystem::path(fixture_path("")).lexically_normal();
-  if (fixtures.filename().empty()) fixtures = fixtures.parent_path();  // a trailing slash
-  return (fixtures.parent_path().parent_path() / relative).string();
-}
-
 json::value spawn(DaemonClient& client, const std::string& name, const std::string& script) {
   return client.call("agents/spawn", {{"name", name}, {"script", script}});
 }

@@ -45,12 +45,6 @@ int64_t env_int(const char* name, int64_t fallback) {
   return v && *v ? std::strtoll(v, nullptr, 10) : fallback;
 }
 
-std::string repo_path(const std::string& relative) {
-  std::filesystem::path fixtures = std::filesystem::path(fixture_path("")).lexically_normal();
-  if (fixtures.filename().empty()) fixtures = fixtures.parent_path();
-  return (fixtures.parent_path().parent_path() / relative).string();
-}
-
 std::vector<int64_t> token_ids_of(const json::value& session) {
   std::vector<int64_t> ids;
   for (const json::value& t : session.at("token_ids").as_array()) ids.push_back(t.to_number<int64_t>());

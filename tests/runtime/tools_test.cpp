@@ -35,6 +35,7 @@ using den::runtime::ToolError;
 using den::runtime::ToolRegistry;
 using den::runtime::ToolResult;
 using den::runtime::ToolServerConfig;
+using den::test::repo_path;
 using den::test::TempDir;
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
@@ -47,11 +48,6 @@ bool has_python3() {
   for (std::string dir; std::getline(dirs, dir, ':');)
     if (!dir.empty() && ::access((fs::path(dir) / "python3").c_str(), X_OK) == 0) return true;
   return false;
-}
-
-// tests/fixtures is two levels below the repository root.
-std::string repo_path(const std::string& relative) {
-  return (fs::canonical(den::test::fixture_path("")) / ".." / ".." / relative).lexically_normal().string();
 }
 
 ToolServerConfig clock_server() { return {"clock", {"python3", repo_path("examples/tools/clock_calc.py")}, {}}; }

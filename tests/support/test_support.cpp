@@ -38,6 +38,11 @@ std::string shared_path(const std::string& relative) {
 std::string fixture_path(const std::string& relative) {
   return configured("DEN_TEST_FIXTURES_DIR", DEN_FIXTURES_DIR) + "/" + relative;
 }
+std::string repo_path(const std::string& relative) {
+  std::filesystem::path fixtures = std::filesystem::path(fixture_path("")).lexically_normal();
+  if (fixtures.filename().empty()) fixtures = fixtures.parent_path();  // the trailing slash
+  return (fixtures.parent_path().parent_path() / relative).string();
+}
 std::string den_binary() { return configured("DEN_TEST_BINARY", DEN_BINARY); }
 bool file_exists(const std::string& path) { return std::filesystem::exists(path); }
 

@@ -21,6 +21,8 @@ namespace den::test {
 std::string shared_path(const std::string& relative);
 std::string den_binary();
 std::string fixture_path(const std::string& relative);
+// A file of the repository (examples/, agents/, ...): tests/fixtures is two levels below its root.
+std::string repo_path(const std::string& relative);
 bool file_exists(const std::string& path);
 std::string read_file(const std::string& path);
 void write_file(const std::string& path, const std::string& bytes);
