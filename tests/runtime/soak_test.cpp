@@ -120,14 +120,14 @@ class Soak {
   // One epoch: check (on a daemon without failpoints), restart with the failpoint armed if
   // there is one, run the workload until the daemon dies (a random SIGKILL, or the failpoint),
   // restart without failpoints.
-  void epoch(const std::string& failpoint_spec, const std::string& point) {
+  void epoch(const std::string& failpoint_spec, const std::string& point, const std::string& armed_point) {
     ++tally_.epochs;
     verify();
     if (!failpoint_spec.empty()) {
       daemon_.kill(SIGKILL);  // at a quiet instant: a kill all the same
       daemon_.wait_exit();
       ++tally_.kills;
-      restart(failpoint_spec);
+      restart(failpoint_spec, armed_point);
     }
     std::atomic<bool> stop{false};
     std::vector<std::thread> workers;
@@ -161,7 +161,7 @@ class Soak {
     restart("");
   }
 
-  void restart(const std::string& failpoint_spec) {
+  void restart(const std::string& failpoint_spec, const std::string& armed_point = "") {
     if (!failpoint_spec.empty()) ::setenv("DEN_FAILPOINTS", failpoint_spec.c_str(), 1);
     try {
       daemon_.restart();
@@ -172,6 +172,7 @@ class Soak {
       if (failpoint_spec.empty() || daemon_.running()) throw;
       ++tally_.failpoint_crashes;
       ++tally_.kills;
+      if (!armed_point.empty()) ++tally_.fired[armed_point];
       daemon_.restart();
     }
     ::unsetenv("DEN_FAILPOINTS");
@@ -559,7 +560,7 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
   int64_t failpoint_epochs = 0;
   for (int64_t e = 0; e < epochs && Clock::now() - start < std::chrono::seconds(seconds); ++e) {
     epoch_started_ms = now_ms();
-    std::string spec, point;
+    std::string spec, point, armed;
     if (static_cast<int64_t>(rng() % 100) < failpoint_percent) {
       // In turn, so that every point is armed as often as the others.
       const memory::FailpointInfo& info = points[static_cast<size_t>(failpoint_epochs++) % points.size()];
@@ -568,9 +569,10 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
       const bool crash = rng() % 4 != 0 || !info.errors;
       spec = point + "=" + (crash ? "crash" : "error") + "@" + std::to_string(1 + rng() % 6);
       ++soak.tally().armed[point];
+      armed = point;
       if (!crash) point.clear();  // an error does not end the daemon: the random kill does
     }
-    soak.epoch(spec, point);
+    soak.epoch(spec, point, armed);
   }
   // The last restart ran without failpoints: let the agent catch up, then the final check.
   epoch_started_ms = now_ms();
@@ -588,7 +590,7 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
       "soak: seed %llu, %lld epochs in %.0f s: %lld kills (%lld by a failpoint crash), %lld requests acknowledged, "
       "%lld session checks, %lld resumes compared with a recompute, %lld agent messages acknowledged and %lld handled, "
       "%lld tool calls repeated after a kill mid-call; lost %lld, corrupt %lld\n"
-      "soak: failpoints armed/crashed:%s\n",
+      "soak: failpoints armed/fired:%s\n",
       static_cast<unsigned long long>(seed), static_cast<long long>(t.epochs), elapsed, static_cast<long long>(t.kills),
       static_cast<long long>(t.failpoint_crashes), static_cast<long long>(t.acked),
       static_cast<long long>(t.sessions_verified), static_cast<long long>(t.logits_compared),
