@@ -469,7 +469,13 @@ std::vector<int32_t> GgufFile::get_int_array(std::string_view key) const {
   std::vector<int32_t> out(static_cast<size_t>(v->array_count));
   const size_t size = gguf_scalar_size(v->array_type);
   for (size_t k = 0; k < out.size(); ++k) {
-    out[k] = static_cast<int32_t>(array_element_as_double(v->array_type, v->array_data + k * size));
+    const double element = array_element_as_double(v->array_type, v->array_data + k * size);
+    // Converting a value outside int32 (or NaN) would be undefined behaviour: such a file is corrupt.
+    if (!(element >= std::numeric_limits<int32_t>::min() && element <= std::numeric_limits<int32_t>::max())) {
+      throw GgufError("GGUF file '" + path() + "': element " + std::to_string(k) + " of key '" + std::string(key) +
+                      "' is " + std::to_string(element) + ", outside the int32 range");
+    }
+    out[k] = static_cast<int32_t>(element);
   }
   return out;
 }
