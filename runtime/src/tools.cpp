@@ -1,5 +1,5 @@
-// The MCP client for tool servers (ToolRegistry) and the reader of tool calls in model output
-// (parse_tool_calls), as declared in tools.h. The agent runtime uses both.
+// The MCP client for tool servers (ToolRegistry), as declared in tools.h; the reader of tool
+// calls in model output is in tool_calls.cpp. The agent runtime uses both.
 //
 // Threads. Each server has one thread that does everything for it in a poll() loop: its
 // child's stdout (JSON-RPC lines), stderr (logged), stdin (queued writes), the deadlines of its
@@ -38,6 +38,7 @@
 #include <utility>
 
 #include "den/runtime/log.h"
+#include "tool_arguments.h"
 #include "unix_listener.h"
 
 extern char** environ;
@@ -370,66 +371,6 @@ std::string tool_names(const std::vector<ToolInfo>& tools) {
   for (size_t i = 0; i < tools.size() && i < kMaxNames; ++i) names += (i ? ", " : "") + tools[i].qualified;
   if (tools.size() > kMaxNames) names += " and " + std::to_string(tools.size() - kMaxNames) + " more";
   return names;
-}
-
-bool json_has_type(const json::value& v, std::string_view type) {
-  if (type == "object") return v.is_object();
-  if (type == "array") return v.is_array();
-  if (type == "string") return v.is_string();
-  if (type == "boolean") return v.is_bool();
-  if (type == "null") return v.is_null();
-  if (type == "number") return v.is_number();
-  if (type == "integer")
-    return v.is_int64() || v.is_uint64() || (v.is_double() && std::trunc(v.get_double()) == v.get_double());
-  return true;  // a type we do not know: the server decides
-}
-
-std::string_view json_type_name(const json::value& v) {
-  switch (v.kind()) {
-    case json::kind::null: return "null";
-    case json::kind::bool_: return "boolean";
-    case json::kind::int64:
-    case json::kind::uint64:
-    case json::kind::double_: return "number";
-    case json::kind::string: return "string";
-    case json::kind::array: return "array";
-    case json::kind::object: return "object";
-  }
-  return "value";
-}
-
-// The minimal check of arguments against a tool's input schema: the `required` keys are
-// there, and the top-level properties that declare a `type` have it. The server validates
-// the rest.
-std::optional<std::string> argument_problem(const json::value& schema, const json::object& arguments) {
-  const json::object* s = schema.if_object();
-  if (!s) return std::nullopt;
-  if (const json::value* type = s->if_contains("type"); type && type->is_string() && type->get_string() != "object")
-    return "the tool's input schema is of type '" + std::string(type->get_string()) + "', not an object";
-  if (const json::value* required = s->if_contains("required"); required && required->is_array()) {
-    for (const json::value& key : required->get_array()) {
-      if (key.is_string() && !arguments.contains(key.get_string()))
-        return "missing required argument '" + std::string(key.get_string()) + "'";
-    }
-  }
-  const json::value* properties = s->if_contains("properties");
-  if (!properties || !properties->is_object()) return std::nullopt;
-  for (const auto& [key, value] : arguments) {
-    const json::value* property = properties->get_object().if_contains(key);
-    const json::value* type = property && property->is_object() ? property->get_object().if_contains("type") : nullptr;
-    if (!type) continue;
-    std::vector<std::string_view> allowed;
-    if (type->is_string()) allowed.push_back(type->get_string());
-    if (type->is_array())
-      for (const json::value& t : type->get_array())
-        if (t.is_string()) allowed.push_back(t.get_string());
-    if (allowed.empty() || std::any_of(allowed.begin(), allowed.end(), [&](auto t) { return json_has_type(value, t); }))
-      continue;
-    std::string expected;
-    for (size_t i = 0; i < allowed.size(); ++i) expected += (i ? " or " : "") + std::string(allowed[i]);
-    return "argument '" + std::string(key) + "' must be " + expected + ", got " + std::string(json_type_name(value));
-  }
-  return std::nullopt;
 }
 
 // Unknown tool or bad arguments, checked against a server's listing.
@@ -1326,36 +1267,6 @@ void PendingCall::cancel() {
   if (auto s = server.lock()) s->wake();
 }
 
-// {"name": …, "arguments"|"parameters": {…} or a string holding an object}. Without
-// `require_arguments` the arguments may be missing (a tool that takes none).
-std::optional<ParsedToolCall> tool_call_from_json(std::string_view text, bool require_arguments) {
-  json::error_code ec;
-  json::value value = parse_json(text, ec);
-  if (ec || !value.is_object()) return std::nullopt;
-  const json::object& object = value.get_object();
-  const json::value* name = object.if_contains("name");
-  if (!name || !name->is_string() || name->get_string().empty()) return std::nullopt;
-  ParsedToolCall call{std::string(name->get_string()), {}};
-  const json::value* arguments = object.if_contains("arguments");
-  if (!arguments) arguments = object.if_contains("parameters");
-  if (!arguments) return require_arguments ? std::nullopt : std::optional(std::move(call));
-  if (arguments->is_null()) return call;
-  if (arguments->is_object()) {
-    call.arguments = arguments->get_object();
-    return call;
-  }
-  if (arguments->is_string()) {
-    const std::string_view inner = trim(arguments->get_string());
-    if (inner.empty()) return call;
-    json::value parsed = parse_json(inner, ec);
-    if (!ec && parsed.is_object()) {
-      call.arguments = std::move(parsed.get_object());
-      return call;
-    }
-  }
-  return std::nullopt;
-}
-
 }  // namespace
 
 std::string ToolResult::text() const {
@@ -1547,35 +1458,6 @@ std::vector<ToolRegistry::ServerStatus> ToolRegistry::status() const {
   std::vector<ServerStatus> all;
   for (const auto& server : impl_->live_servers()) all.push_back(server->status());
   return all;
-}
-
-std::vector<ParsedToolCall> parse_tool_calls(std::string_view output) {
-  constexpr std::string_view kOpen = "<tool_call>", kClose = "</tool_call>";
-  std::vector<ParsedToolCall> calls;
-  size_t at = output.find(kOpen);
-  if (at != std::string_view::npos) {
-    // Hermes/ChatML. A call without its closing tag (a stop string may have eaten it) runs to
-    // the next opening tag or the end.
-    while (at != std::string_view::npos) {
-      const size_t body = at + kOpen.size();
-      const size_t close = output.find(kClose, body);
-      const size_t next = output.find(kOpen, body);
-      const size_t end = std::min({close, next, output.size()});
-      if (auto call = tool_call_from_json(trim(output.substr(body, end - body)), false))
-        calls.push_back(std::move(*call));
-      at = next;
-    }
-    return calls;
-  }
-  // Llama 3: the whole output is the call. Arguments are required here so that a plain JSON
-  // answer that happens to have a "name" is not taken for a call.
-  std::string_view text = trim(output);
-  constexpr std::string_view kPythonTag = "<|python_tag|>";
-  if (text.starts_with(kPythonTag)) text.remove_prefix(kPythonTag.size());
-  for (std::string_view end : {"<|eom_id|>", "<|eot_id|>"})
-    if (text.ends_with(end)) text.remove_suffix(end.size());
-  if (auto call = tool_call_from_json(trim(text), true)) calls.push_back(std::move(*call));
-  return calls;
 }
 
 }  // namespace den::runtime
