@@ -82,6 +82,8 @@ struct AgentRuntime::Impl {
     int32_t next_seq = 0;
     int ctx_ref = LUA_NOREF;
     bool waiting = false;
+    std::string waiting_on;       // the effect the handler waits for ("tool", "generate", ...)
+    double waiting_since = 0;     // unix time it started waiting
     std::shared_ptr<GenerateHandle> generation;
     std::shared_ptr<ToolCall> tool_call;
   };
@@ -253,8 +255,10 @@ struct AgentRuntime::Impl {
   }
 
   // A handler waits: the effect's completion resumes it on the agent thread.
-  static int yield_for_effect(lua_State* L, Agent& a) {
+  static int yield_for_effect(lua_State* L, Agent& a, std::string_view effect) {
     a.run->waiting = true;
+    a.run->waiting_on = effect;
+    a.run->waiting_since = unix_now();
     return lua_yield(L, 0);
   }
 
@@ -366,7 +370,7 @@ struct AgentRuntime::Impl {
       });
       // A call that keeps the agent waiting lets its KV go down a tier meanwhile.
       impl.demote_while_waiting(session, std::chrono::seconds(1), run_id, agent_id);
-      return yield_for_effect(L, a);
+      return yield_for_effect(L, a, "tool");
     });
   }
 
@@ -492,7 +496,7 @@ struct AgentRuntime::Impl {
       impl.sessions.append(id, prompt);
       options.max_new_tokens = std::min(options.max_new_tokens, impl.config.max_context - impl.sessions.info(id).tokens);
       impl.start_generation(a, seq, std::move(options), raw ? std::vector<int32_t>{} : impl.chat.assistant_closing(), stream, before);
-      return yield_for_effect(L, a);
+      return yield_for_effect(L, a, "generate");
     });
   }
 
@@ -672,7 +676,7 @@ struct AgentRuntime::Impl {
           return 2;
         });
       });
-      return yield_for_effect(L, a);
+      return yield_for_effect(L, a, "checkpoint");
     });
   }
 
@@ -746,7 +750,7 @@ struct AgentRuntime::Impl {
       });
       if (wait >= 5) impl.demote_while_waiting(a.record.session, std::chrono::milliseconds(100), run_id, agent_id);
       if (wait >= 2) impl.prefetch_at(a.record.session, wait - 1.0);
-      return yield_for_effect(L, a);
+      return yield_for_effect(L, a, "sleep");
     });
   }
 
@@ -887,9 +891,14 @@ struct AgentRuntime::Impl {
         a.record.state_json = state_json;
         ++runs_completed;
       } else {
+        // The log line first: a client that sees the run failed (a send with wait, answered the
+        // moment the status flips) reads the log next and must find why.
+        agent_log(a, "error", handler_for(record.trigger) + " failed: " + error);
         store.fail_run(record.id, error);
         ++runs_failed;
-        agent_log(a, "error", handler_for(record.trigger) + " failed: " + error);
+        // The operator's log too: a failed run leaves its trigger handled but its effect undone.
+        log_warn("agent run failed", {{"agent", a.record.name}, {"run", std::to_string(record.id)},
+                                      {"trigger", record.trigger}, {"error", error}});
       }
     } catch (const std::exception& e) {
       log_error("agent run not committed", {{"agent", a.record.name}, {"error", e.what()}});
@@ -1059,6 +1068,8 @@ struct AgentRuntime::Impl {
                               {"trigger", a.run->record.trigger},
                               {"status", a.run->record.status},
                               {"waiting", a.run->waiting},
+                              {"waiting_on", a.run->waiting ? json::value(a.run->waiting_on) : json::value(nullptr)},
+                              {"waiting_seconds", a.run->waiting ? unix_now() - a.run->waiting_since : 0.0},
                               {"started_at", a.run->record.started_at}};
     } else {
       o["run"] = nullptr;

@@ -33,6 +33,12 @@ using local_socket = asio::local::stream_protocol;
 namespace {
 
 constexpr size_t kReadChunk = 64 * 1024;
+// Lines one connection handles before its strand lets others run: a chunk of 64 KiB can hold
+// thousands of short (malformed) lines, and handling them all in one go would hold an io
+// thread for milliseconds while a well-behaved client's request waits behind it.
+constexpr size_t kLinesPerTurn = 32;
+// Answers gathered into one write: a flood of short error answers costs one syscall per batch.
+constexpr size_t kMessagesPerWrite = 64;
 
 std::string errno_text(int err) { return std::strerror(err); }
 
@@ -82,9 +88,11 @@ struct Connection : std::enable_shared_from_this<Connection> {
   LimitsConfig limits;  // this connection's copy (set_limits posts new ones)
   rpc::LineFramer framer;
   std::array<char, kReadChunk> buffer{};
+  std::deque<rpc::LineFramer::Line> lines;  // received, not yet handled (at most one chunk's worth)
   std::deque<std::string> outbox;
   size_t queued_bytes = 0;
-  bool writing = false, reading = false, closed = false, close_when_written = false;
+  size_t in_flight = 0;  // messages at the front of outbox that the current write carries
+  bool writing = false, reading = false, handling = false, closed = false, close_when_written = false;
 
   Connection(std::shared_ptr<Server::State> s, ConnectionId i, local_socket::socket sock, const LimitsConfig& l)
       : server(std::move(s)),
@@ -97,7 +105,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
   void start() { read(); }
 
   void read() {
-    if (closed || reading || close_when_written) return;
+    if (closed || reading || handling || close_when_written) return;
     // Backpressure: a client that does not read its answers stops being read.
     if (queued_bytes > static_cast<size_t>(limits.client_buffer_bytes) / 2) return;
     reading = true;
@@ -113,24 +121,10 @@ struct Connection : std::enable_shared_from_this<Connection> {
 
   void received(size_t n) {
     const bool was_idle = framer.pending_bytes() == 0;
-    bool completed = false;
-    for (rpc::LineFramer::Line& line : framer.push({buffer.data(), n})) {
-      completed = true;
-      if (line.oversized) {
-        ++server->oversized_lines;
-        send(rpc::error_response(nullptr, rpc::limit_exceeded,
-                                 "request line of " + std::to_string(line.bytes) + " bytes is longer than limits.line_bytes (" +
-                                     std::to_string(limits.line_bytes) + ")",
-                                 json::object{{"limit", limits.line_bytes}}));
-        continue;
-      }
-      if (line.text.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank line
-      handle(line.text);
-      if (closed) return;
-    }
+    std::vector<rpc::LineFramer::Line> completed = framer.push({buffer.data(), n});
     if (framer.pending_bytes() == 0) {
       line_deadline.cancel();
-    } else if (was_idle || completed) {
+    } else if (was_idle || !completed.empty()) {
       // A new line started: it has limits.request_seconds to be completed.
       const auto seconds = limits.request_seconds;
       line_deadline.expires_after(std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
@@ -144,6 +138,36 @@ struct Connection : std::enable_shared_from_this<Connection> {
         self->close_when_written = true;
         if (!self->writing) self->close();
       });
+    }
+    for (rpc::LineFramer::Line& line : completed) lines.push_back(std::move(line));
+    handle_some();
+  }
+
+  // Handles up to kLinesPerTurn received lines, then yields the thread (a post goes behind the
+  // handlers of every other connection that is ready) until all are done; reads again after.
+  void handle_some() {
+    handling = false;
+    for (size_t handled = 0; !lines.empty() && handled < kLinesPerTurn; ++handled) {
+      const rpc::LineFramer::Line line = std::move(lines.front());
+      lines.pop_front();
+      if (line.oversized) {
+        ++server->oversized_lines;
+        send(rpc::error_response(nullptr, rpc::limit_exceeded,
+                                 "request line of " + std::to_string(line.bytes) + " bytes is longer than limits.line_bytes (" +
+                                     std::to_string(limits.line_bytes) + ")",
+                                 json::object{{"limit", limits.line_bytes}}));
+        continue;
+      }
+      if (line.text.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank line
+      handle(line.text);
+      if (closed) return;
+    }
+    if (!lines.empty()) {
+      handling = true;
+      asio::post(socket.get_executor(), [self = shared_from_this()] {
+        if (!self->closed) self->handle_some();
+      });
+      return;
     }
     read();
   }
@@ -167,25 +191,30 @@ struct Connection : std::enable_shared_from_this<Connection> {
   void write() {
     if (writing || outbox.empty() || closed) return;
     writing = true;
-    asio::async_write(socket, asio::buffer(outbox.front()),
-                      [self = shared_from_this()](boost::system::error_code ec, size_t n) {
-                        self->writing = false;
-                        // Closed meanwhile (a read failed while this write was in flight): the
-                        // outbox was cleared, so there is nothing here to pop.
-                        if (ec || self->closed) {
-                          self->close();
-                          return;
-                        }
-                        self->queued_bytes -= n;
-                        self->outbox.pop_front();
-                        if (!self->outbox.empty()) {
-                          self->write();
-                        } else if (self->close_when_written) {
-                          self->close();
-                        } else {
-                          self->read();
-                        }
-                      });
+    // The messages stay in the deque (whose elements never move) until the write completes.
+    in_flight = std::min(outbox.size(), kMessagesPerWrite);
+    std::vector<asio::const_buffer> buffers;
+    buffers.reserve(in_flight);
+    for (size_t i = 0; i < in_flight; ++i) buffers.push_back(asio::buffer(outbox[i]));
+    asio::async_write(socket, buffers, [self = shared_from_this()](boost::system::error_code ec, size_t n) {
+      self->writing = false;
+      // Closed meanwhile (a read failed while this write was in flight): the outbox was
+      // cleared, so there is nothing here to pop.
+      if (ec || self->closed) {
+        self->close();
+        return;
+      }
+      self->queued_bytes -= n;
+      self->outbox.erase(self->outbox.begin(), self->outbox.begin() + static_cast<std::ptrdiff_t>(self->in_flight));
+      self->in_flight = 0;
+      if (!self->outbox.empty()) {
+        self->write();
+      } else if (self->close_when_written) {
+        self->close();
+      } else {
+        self->read();
+      }
+    });
   }
 
   void close() {
@@ -196,7 +225,9 @@ struct Connection : std::enable_shared_from_this<Connection> {
     socket.shutdown(local_socket::socket::shutdown_both, ignored);
     socket.close(ignored);
     outbox.clear();
+    lines.clear();
     queued_bytes = 0;
+    in_flight = 0;
     server->service.connection_closed(id);
     --server->open;
     std::shared_ptr<Connection> last;  // the table's reference, dropped after the lock

@@ -1,5 +1,6 @@
 // Helpers shared by the libFuzzer targets: an invariant check that aborts (so libFuzzer keeps
-// the input) and an in-memory file with a path, for readers that only open paths.
+// the input), an in-memory file with a path for readers that only open paths, and a scratch
+// directory for writers that rename into place.
 #pragma once
 
 #include <sys/mman.h>

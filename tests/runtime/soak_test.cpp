@@ -194,7 +194,9 @@ class Soak {
         fired += count_in(state, "fired", key) >= 1;
       }
       if ((handled == acked_messages_.size() && fired == acked_messages_.size()) || Clock::now() >= deadline) {
+        const int64_t lost_before = tally_.lost;
         check_agent_state(state, /*final=*/true);
+        if (tally_.lost > lost_before) report_agent_run(agent);
         return;
       }
       std::this_thread::sleep_for(milliseconds(100));
@@ -202,6 +204,28 @@ class Soak {
   }
 
   Tally& tally() { return tally_; }
+
+  // What the agent is doing and its last log lines: why a message was not handled.
+  void report_agent_run(const json::value& agent) {
+    problem("agent: run " + json::serialize(agent.at("run")) + ", " +
+            std::to_string(agent.at("queued_messages").to_number<int64_t>()) + " messages queued, status " +
+            json::serialize(agent.at("status")));
+    // Its last 20 runs, newest first: the ones that did not complete say why.
+    int shown = 0;
+    for (const json::value& run : agent.at("runs").as_array()) {
+      if (run.at("status") != "completed" && shown++ < 3) problem("agent run: " + json::serialize(run));
+    }
+    try {
+      DaemonClient client(daemon_.socket_path());
+      const json::value logs = client.call("agents/logs", {{"agent", "soak"}, {"limit", 1000}});
+      const json::array& entries = logs.at("logs").as_array();
+      for (size_t i = entries.size() > 5 ? entries.size() - 5 : 0; i < entries.size(); ++i) {
+        problem("agent log: " + json::serialize(entries[i]));
+      }
+    } catch (const std::exception& e) {
+      problem(std::string("agent logs unavailable: ") + e.what());
+    }
+  }
 
  private:
   void problem(const std::string& what) {
