@@ -138,6 +138,14 @@ void SessionManager::truncate(SessionId id, int32_t keep_tokens) {
   ++s.history_version;
 }
 
+void SessionManager::drop_kv(SessionId id) {
+  std::unique_lock lock(impl_->mutex);
+  impl_->wait_not_busy(lock, id);
+  auto& s = impl_->session(id);
+  if (s.leases > 0) throw SessionError("session " + std::to_string(id) + " is in use by a running step");
+  impl_->drop_kv_from(s, 0);  // computed_high stays: the history is the same, so its KV comes back as recompute
+}
+
 void SessionManager::truncate_front(SessionId id, int32_t drop_tokens) {
   std::unique_lock lock(impl_->mutex);
   impl_->wait_not_busy(lock, id);
@@ -479,7 +487,7 @@ void Lease::settle() {
   auto& impl = *manager_->impl_;
   {
     std::lock_guard lock(impl.mutex);
-    for (int32_t h : arriving_records_) impl.rec(h).in_flight = false;
+    for (int32_t h : arriving_records_) impl.rec(h).in_flight = impl.rec(h).arriving = false;
     arriving_records_.clear();
   }
   impl.changed.notify_all();

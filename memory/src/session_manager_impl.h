@@ -66,6 +66,7 @@ struct BlockRecord {
   int32_t leases = 0;         // leased sessions holding it: not evicted, not moved
   int32_t pins = 0;           // pinned sessions holding it: stays in the fast pool
   bool in_flight = false;     // being filled from SSD: wait before using or evicting
+  bool arriving = false;      // in flight for a layer-wise lease: settled only after its engine step
   bool indexed = false;       // full, computed, immutable and in the prefix index under `hash`
   uint64_t hash = 0;          // content hash while indexed
   uint64_t durable_hash = 0;  // the store holds its current content under this hash (0: not)
@@ -252,7 +253,9 @@ struct SessionManager::Impl {
       const size_t i = static_cast<size_t>(s.kv_tokens / block_tokens);
       ensure_chain(s, i + 1);
       auto it = prefix_index.find(s.chain[i]);
-      if (it == prefix_index.end()) break;
+      // A block arriving for a layer-wise lease is settled only after that lease's engine
+      // step; a lease of the same step that took it would wait for that step forever.
+      if (it == prefix_index.end() || rec(it->second).arriving) break;
       ++rec(it->second).refs;
       attach(s, it->second);
       s.kv_tokens += block_tokens;
@@ -451,42 +454,52 @@ struct SessionManager::Impl {
         }
         slots.push_back(*slot);
       }
-      std::vector<int32_t> dram_src, dram_dst;
+      std::vector<int32_t> dram_src, dram_dst;        // copied now
+      std::vector<int32_t> layered_src, layered_dst;  // left arriving layer by layer
+      std::vector<int32_t> layered_records;
       std::vector<std::pair<size_t, int32_t>> from_disk;  // (block index in s, fast slot)
+      const bool layered = arriving != nullptr && arriving_records->empty();
       int64_t dram_tokens = 0;
       for (size_t k = 0; k < missing.size(); ++k) {
-        BlockRecord& b = rec(s.blocks[missing[k]]);
+        const int32_t h = s.blocks[missing[k]];
+        BlockRecord& b = rec(h);
         if (b.dram != kNoSlot) {
           dram_tokens += tokens_in_block(s, missing[k]);
-          dram_src.push_back(b.dram);
-          dram_dst.push_back(slots[k]);
+          // Only blocks no other session holds arrive layer by layer: another lease in the same
+          // engine step would wait for a shared one, and it settles only after that step.
+          if (layered && b.refs == 1) {
+            layered_src.push_back(b.dram);
+            layered_dst.push_back(slots[k]);
+            layered_records.push_back(h);
+          } else {
+            dram_src.push_back(b.dram);
+            dram_dst.push_back(slots[k]);
+          }
           b.fast = slots[k];
         } else {
           from_disk.emplace_back(missing[k], slots[k]);
         }
       }
-      if (!dram_src.empty() && arriving != nullptr && arriving_records->empty()) {
+      if (!layered_src.empty()) {
         std::lock_guard transfer_lock(transfer_mutex);
-        *arriving = transfers.dram_to_fast_by_layer(dram_src, dram_dst);
-        for (size_t k = 0; k < missing.size(); ++k) {
-          const int32_t h = s.blocks[missing[k]];
-          if (rec(h).fast != kNoSlot && rec(h).dram != kNoSlot) {
-            rec(h).in_flight = true;
-            arriving_records->push_back(h);
-            ours_set.insert(h);
-          }
+        *arriving = transfers.dram_to_fast_by_layer(layered_src, layered_dst);
+        for (int32_t h : layered_records) {
+          rec(h).in_flight = true;
+          rec(h).arriving = true;
+          arriving_records->push_back(h);
+          ours_set.insert(h);
         }
-        counters.bytes_dram_to_fast += static_cast<int64_t>(dram_src.size()) * block_bytes;
-        counters.tokens_loaded += dram_tokens;
-      } else if (!dram_src.empty()) {
+        counters.bytes_dram_to_fast += static_cast<int64_t>(layered_src.size()) * block_bytes;
+      }
+      if (!dram_src.empty()) {
         std::lock_guard transfer_lock(transfer_mutex);
         const auto started = std::chrono::steady_clock::now();
         transfers.dram_to_fast(dram_src, dram_dst).wait();
         calibrate(owner.config_.costs.dram_to_fast_bytes_per_s, static_cast<int64_t>(dram_src.size()) * block_bytes,
                   std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
         counters.bytes_dram_to_fast += static_cast<int64_t>(dram_src.size()) * block_bytes;
-        counters.tokens_loaded += dram_tokens;
       }
+      counters.tokens_loaded += dram_tokens;
       if (from_disk.empty()) continue;
       if (!read_from_disk_locked(lock, s, from_disk)) return false;  // out of host memory: later
       // A quarantine may have dropped part of s's KV: go round again to check.

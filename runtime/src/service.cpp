@@ -606,9 +606,7 @@ void Service::sessions_generate(const std::shared_ptr<Call>& call) {
       try {
         if (config_.kv.policy == KvPolicy::recompute && outcome.reason != FinishReason::failed) {
           // No reuse across turns: forget the KV, keep the tokens.
-          const std::vector<int32_t> tokens = sessions_.tokens(id);
-          sessions_.truncate(id, 0);
-          sessions_.append(id, tokens);
+          sessions_.drop_kv(id);
         }
         sessions_.save_history(id);
       } catch (const std::exception& e) {

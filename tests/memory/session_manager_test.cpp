@@ -4,8 +4,10 @@
 // model, quarantine of a damaged segment, a changed model fingerprint and a quota.
 // The fake engine of fake_kv.h writes the KV, so any block in the wrong place, stale or
 // half-copied shows up as a wrong value.
+#include <chrono>
 #include <cstring>
 #include <fstream>
+#include <future>
 #include <map>
 
 #include "den/memory/session_manager.h"
@@ -522,4 +524,80 @@ TEST_CASE("session: a layer-wise lease wakes from DRAM and settles before the bl
   const auto b = m.fork(a);
   CHECK(test::fake_kv_is_exact(m, b));
   CHECK(m.stats().tokens_recomputed == 0);
+}
+
+// Two sessions of one engine step, both woken layer by layer from DRAM. The second lease must
+// not wait for blocks the first leaves arriving: they settle only after the step that would
+// hold both (the deadlock `den bench agents` found with a shared system prompt). Done on
+// another thread with a deadline, so a regression fails instead of hanging.
+TEST_CASE("session: layer-wise leases of one step never wait on each other's arriving blocks") {
+  SessionManager m(config(64, 64));
+  const std::vector<int32_t> prefix = sequence(1, 16);  // four full blocks, shared
+  const auto a = m.create();
+  m.append(a, prefix);
+  m.append(a, sequence(300, 6));
+  run(m, a);
+  const auto b = m.create();
+  m.append(b, prefix);
+  m.append(b, sequence(400, 6));
+  CHECK(run(m, b) == 6);  // the prefix was a hit
+  m.hibernate(a, Tier::dram)->wait_or_throw();
+  m.hibernate(b, Tier::dram)->wait_or_throw();
+  m.append(a, sequence(500, 2));
+  m.append(b, sequence(600, 2));
+
+  auto first = m.lease(a, 24, true);
+  REQUIRE(first.has_value());
+  auto second = std::async(std::launch::async, [&] { return m.lease(b, 24, true); });
+  const bool returned = second.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  CHECK_MESSAGE(returned, "the second lease waits for the first one's arriving blocks");
+  for (int32_t layer = 0; layer < kLayout.n_layers; ++layer) {
+    if (first->arrival() != nullptr) first->arrival()->before_layer(layer, nullptr);
+  }
+  test::fake_compute(m, *first);
+  first.reset();
+  auto lease_b = second.get();
+  REQUIRE(lease_b.has_value());
+  test::fake_compute(m, *lease_b);
+  lease_b.reset();
+  CHECK(test::fake_kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, b));
+  CHECK(m.stats().tokens_recomputed == 0);
+
+  // A newcomer with the same prefix while a's blocks arrive: it takes no prefix hit on them
+  // (it computes the prefix) rather than waiting.
+  m.hibernate(a, Tier::dram)->wait_or_throw();
+  m.drop(b);  // a alone holds the prefix now
+  auto again = m.lease(a, 24, true);
+  REQUIRE(again.has_value());
+  const auto c = m.create();
+  m.append(c, prefix);
+  m.append(c, sequence(700, 3));
+  auto third = std::async(std::launch::async, [&] { return m.lease(c, 19, true); });
+  CHECK(third.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  again.reset();
+  auto lease_c = third.get();
+  REQUIRE(lease_c.has_value());
+  test::fake_compute(m, *lease_c);
+  lease_c.reset();
+  CHECK(test::fake_kv_is_exact(m, a));
+  CHECK(test::fake_kv_is_exact(m, c));
+}
+
+TEST_CASE("session: drop_kv keeps the history, and computing it again counts as recompute") {
+  SessionManager m(config(16));
+  const auto id = m.create();
+  m.append(id, sequence(5, 10));
+  CHECK(run(m, id) == 10);
+  m.drop_kv(id);
+  CHECK(m.info(id).kv_tokens == 0);
+  CHECK(m.info(id).tier == Tier::none);
+  CHECK(m.tokens(id) == sequence(5, 10));
+  CHECK(m.stats().fast_used == 0);
+  CHECK(m.stats().kv_tokens_dropped == 10);
+  m.append(id, sequence(50, 2));
+  CHECK(run(m, id) == 12);
+  CHECK(m.stats().tokens_recomputed == 10);
+  CHECK(m.stats().tokens_computed == 12);
+  CHECK(test::fake_kv_is_exact(m, id));
 }

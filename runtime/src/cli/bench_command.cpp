@@ -273,6 +273,7 @@ void add_bench_commands(CLI::App& app) {
 
   add_bench_resume_command(*bench);
   add_bench_abuse_command(*bench);
+  add_bench_agents_command(*bench);
 }
 
 }  // namespace den::runtime::cli

@@ -15,6 +15,7 @@ void add_model_commands(CLI::App& app);
 void add_bench_commands(CLI::App& app);
 void add_bench_resume_command(CLI::App& bench);  // under `den bench`
 void add_bench_abuse_command(CLI::App& bench);   // under `den bench`
+void add_bench_agents_command(CLI::App& bench);  // under `den bench`
 void add_serve_command(CLI::App& app);
 // `den sessions ls|show|pin|unpin|checkpoint|hibernate|wake|rm` and `den stats`: clients of
 // the daemon's socket.

@@ -178,6 +178,9 @@ class SessionManager {
   void save_history(SessionId id);
   // Keeps the first `keep_tokens` tokens (and their KV).
   void truncate(SessionId id, int32_t keep_tokens);
+  // Gives up the session's KV in every tier and keeps its history; computing it again counts
+  // as recompute (the `recompute` policy does this after every turn).
+  void drop_kv(SessionId id);
   // Drops the first `drop_tokens` tokens. K is stored after RoPE, so the kept KV is at the wrong
   // positions and is recomputed (see docs/ARCHITECTURE.md for the measurement behind this).
   void truncate_front(SessionId id, int32_t drop_tokens);
