@@ -32,7 +32,7 @@ constexpr std::array<std::string_view, 7> kKvKeys = {
     "block_tokens", "hbm", "dram", "ssd", "policy", "cost_model", "layerwise_wake"};
 constexpr std::array<std::string_view, 7> kLimitsKeys = {
     "line_bytes", "json_depth", "connections", "sessions", "request_seconds", "client_buffer_bytes", "tool_seconds"};
-constexpr std::array<std::string_view, 3> kSchedulerKeys = {"max_batch", "step_tokens", "prefill_chunk"};
+constexpr std::array<std::string_view, 4> kSchedulerKeys = {"max_batch", "step_tokens", "prefill_chunk", "lease_ahead"};
 constexpr std::array<std::string_view, 1> kMetricsKeys = {"listen"};
 constexpr std::array<std::string_view, 3> kToolKeys = {"name", "command", "env"};
 
@@ -336,6 +336,8 @@ void read_scheduler(const Reader& reader, const Entry& section, SchedulerConfig&
       scheduler.step_tokens = static_cast<int32_t>(reader.read_integer(entry, 1, 65536));
     } else if (entry.name == "prefill_chunk") {
       scheduler.prefill_chunk = static_cast<int32_t>(reader.read_integer(entry, 1, 65536));
+    } else if (entry.name == "lease_ahead") {
+      scheduler.lease_ahead = static_cast<int32_t>(reader.read_integer(entry, 0, 1 << 20));
     }
   }
 }

@@ -175,6 +175,48 @@ void Scheduler::run() {
   }
 }
 
+// Leases fast-pool room to running sequences that hold none, first come first served (higher
+// priorities first), with room for the turn's output as well, up to lease_ahead tokens: a
+// sequence that got its KV in keeps it to the end instead of giving it back at the next block
+// boundary. The first one that does not fit stops the admissions: letting every later one try
+// would load their KV and evict each other's (the churn that kept a full pool's GPU half idle).
+void Scheduler::admit(std::vector<std::unique_ptr<Sequence>>& active, const SchedulerConfig& config) {
+  std::vector<Sequence*> queue;
+  int32_t leased = 0;
+  for (auto& seq : active) {
+    if (seq->lease) ++leased;
+    if (seq->phase == Sequence::Phase::running && !seq->lease) queue.push_back(seq.get());
+  }
+  std::stable_sort(queue.begin(), queue.end(),
+                   [](const Sequence* a, const Sequence* b) { return a->job.priority > b->job.priority; });
+  bool blocked = false;
+  for (Sequence* seq : queue) {
+    if (blocked || leased >= config.max_batch) {
+      seq->waiting_for_memory = blocked;
+      continue;
+    }
+    const auto history = static_cast<int32_t>(seq->history.size());
+    const int32_t left = std::max(0, seq->job.options.max_new_tokens - static_cast<int32_t>(seq->out.tokens.size()));
+    const int32_t wanted = std::max(history, std::min({history + std::min(left, config.lease_ahead), seq->job.max_context}));
+    try {
+      seq->lease = sessions_.lease(seq->job.session, wanted, layerwise_wake_);
+      if (!seq->lease && wanted > history && leased == 0) {
+        // Nothing else holds the pool: run with the room the history needs and grow block by block.
+        seq->lease = sessions_.lease(seq->job.session, history, layerwise_wake_);
+      }
+    } catch (const std::exception& e) {
+      finish(*seq, FinishReason::failed, e.what());
+      continue;
+    }
+    if (!seq->lease) {
+      seq->waiting_for_memory = blocked = true;
+      continue;
+    }
+    seq->waiting_for_memory = false;
+    ++leased;
+  }
+}
+
 // Returns whether an engine step ran (or a request finished).
 bool Scheduler::step(std::vector<std::unique_ptr<Sequence>>& active) {
   SchedulerConfig config;
@@ -261,19 +303,13 @@ bool Scheduler::step(std::vector<std::unique_ptr<Sequence>>& active) {
   for (size_t k = 0; k < n; ++k) order.push_back(active[(first + k) % n].get());
   std::stable_sort(order.begin(), order.end(),
                    [](const Sequence* a, const Sequence* b) { return a->job.priority > b->job.priority; });
+  admit(active, config);
   for (int pass = 0; pass < 2; ++pass) {
     for (size_t k = 0; k < n && static_cast<int32_t>(batch.size()) < config.max_batch; ++k) {
       Sequence& seq = *order[k];
-      if (seq.phase != Sequence::Phase::running || seq.piece_tokens > 0) continue;
+      if (seq.phase != Sequence::Phase::running || seq.piece_tokens > 0 || !seq.lease) continue;
       const memory::SessionId id = seq.job.session;
       try {
-        if (!seq.lease) {
-          seq.lease = sessions_.lease(id, static_cast<int32_t>(seq.history.size()), layerwise_wake_);
-          if (!seq.lease) {
-            seq.waiting_for_memory = true;
-            continue;
-          }
-        }
         const int32_t kv = seq.lease->kv_tokens();
         const int32_t pending = static_cast<int32_t>(seq.history.size()) - kv;
         if (pending <= 0) {

@@ -59,6 +59,7 @@ void check_same_as_defaults(const DaemonConfig& config) {
   CHECK(config.scheduler.max_batch == 64);
   CHECK(config.scheduler.step_tokens == 512);
   CHECK(config.scheduler.prefill_chunk == 256);
+  CHECK(config.scheduler.lease_ahead == 512);
   CHECK_FALSE(config.metrics_listen.has_value());
   CHECK(config.tools.empty());
   CHECK(den::runtime::restart_required_changes(defaults, config).empty());
@@ -118,6 +119,7 @@ scheduler:
   max_batch: 1024
   step_tokens: 65536
   prefill_chunk: 1
+  lease_ahead: 0
 metrics:
   listen: "[::1]:9464"
 tools:
@@ -153,6 +155,7 @@ tools:
   CHECK(config.scheduler.max_batch == 1024);
   CHECK(config.scheduler.step_tokens == 65536);
   CHECK(config.scheduler.prefill_chunk == 1);
+  CHECK(config.scheduler.lease_ahead == 0);
   REQUIRE(config.metrics_listen.has_value());
   CHECK(*config.metrics_listen == "[::1]:9464");
   REQUIRE(config.tools.size() == 2);
@@ -259,7 +262,7 @@ TEST_CASE("config - unknown keys are errors that suggest the nearest known key")
   CHECK(error_of("kv.hbm: 8GiB") == "den.yaml:1: unknown key 'kv.hbm' (write it nested: 'kv:' then 'hbm:' indented below)");
   // Nothing close: the known keys are listed.
   CHECK(error_of("scheduler:\n  zzz: 1") ==
-        "den.yaml:2: unknown key 'scheduler.zzz' (known keys under scheduler: max_batch, step_tokens, prefill_chunk)");
+        "den.yaml:2: unknown key 'scheduler.zzz' (known keys under scheduler: max_batch, step_tokens, prefill_chunk, lease_ahead)");
   const std::string top = error_of("\n\nfrobnicate: 1");
   CHECK(top.find("den.yaml:3: unknown key 'frobnicate' (known keys: model, backend,") == 0);
 }

@@ -58,6 +58,7 @@ struct SchedulerConfig {
   int32_t max_batch = 64;             // sequences per engine step
   int32_t step_tokens = 512;          // tokens per engine step (decode tokens + prefill chunks)
   int32_t prefill_chunk = 256;        // longest prefill piece of one sequence in one step
+  int32_t lease_ahead = 512;          // fast-pool room taken for a turn's output when it is admitted
 };
 
 struct DaemonConfig {

@@ -102,6 +102,7 @@ class Scheduler {
   struct Sequence;
   void run();
   bool step(std::vector<std::unique_ptr<Sequence>>& active);
+  void admit(std::vector<std::unique_ptr<Sequence>>& active, const SchedulerConfig& config);
   void finish(Sequence& seq, FinishReason reason, std::string error = {});
   void handle_sample(Sequence& seq, const engine::SampledToken& sampled, std::span<const float> logits_row);
 
