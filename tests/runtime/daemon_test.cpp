@@ -407,6 +407,10 @@ TEST_CASE("daemon queues generations when the fast pool is short and completes e
   MESSAGE("engine: " << json::serialize(stats.at("engine")));
   MESSAGE("memory: " << json::serialize(stats.at("memory")));
   CHECK(stats.at("engine").at("requests_failed").to_number<int64_t>() == 0);
+  CHECK(stats.at("engine").at("max_batch").to_number<int64_t>() > 1);
+  // Admitted requests keep room for their output (scheduler.lease_ahead): none gives its KV
+  // back mid-turn to be dropped and recomputed (with lease_ahead 0 this run recomputed 144).
+  CHECK(stats.at("memory").at("tokens_recomputed").to_number<int64_t>() == 0);
 }
 
 TEST_CASE("daemon serves Prometheus metrics and reloads limits on SIGHUP") {
