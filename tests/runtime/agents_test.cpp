@@ -582,5 +582,77 @@ return {
   CHECK(p99 <= 100.0);
 }
 
+// The soak's seed 13 once saw an agent whose run was cut off while its ctx.state was being
+// converted for the commit never finish after the restart. Here that crash comes at each of
+// the first runs in turn (on_start, a message, a timer...): after the restart every message
+// must be handled once and every timer fire once.
+TEST_CASE("agents finish a run cut off while its state was being serialized") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  for (const bool with_tool : {false, true}) {
+    CAPTURE(with_tool);
+    TempDir dir;
+    const std::vector<std::string> extra =
+        with_tool ? std::vector<std::string>{"--config", tools_config(dir)} : std::vector<std::string>{};
+    const std::string script = std::string("local WITH_TOOL = ") + (with_tool ? "true" : "false") + R"lua(
+return {
+  on_start = function(ctx) ctx.state.seen = {}; ctx.state.fired = {}; ctx.state.tools = 0 end,
+  on_message = function(ctx, msg)
+    local key = msg.text
+    if WITH_TOOL and den.tools.call("counter.bump", {}) then ctx.state.tools = ctx.state.tools + 1 end
+    if #key % 3 == 0 then
+      ctx.session:append("user", "Tell me about " .. key)
+      ctx.session:generate{max_tokens = 3, temperature = 0}
+    end
+    ctx:schedule(0.05, key)
+    ctx.state.seen[key] = (ctx.state.seen[key] or 0) + 1
+  end,
+  on_timer = function(ctx, key) ctx.state.fired[key] = (ctx.state.fired[key] or 0) + 1 end,
+}
+)lua";
+    const std::vector<std::string> keys = {"abc", "de", "fghi"};
+    for (int hit = 1; hit <= 5; ++hit) {
+      CAPTURE(hit);
+      const std::string spec = "agents.serialize_state=crash@" + std::to_string(hit);
+      ::setenv("DEN_FAILPOINTS", spec.c_str(), 1);
+      DaemonProcess daemon(agent_daemon_args(extra));
+      ::unsetenv("DEN_FAILPOINTS");
+      try {
+        DaemonClient client(daemon.socket_path());
+        spawn(client, "cut", script);
+        for (const std::string& key : keys) client.call("agents/send", {{"agent", "cut"}, {"text", key}});
+      } catch (const std::exception&) {
+        // The failpoint fired while these were sent: what was acknowledged is checked below.
+      }
+      const int exit_status = daemon.wait_exit(std::chrono::seconds(20));
+      CHECK(exit_status != 0);  // the failpoint crashed it
+      daemon.restart();
+      DaemonClient client(daemon.socket_path());
+      // Messages the crash cut off before they were acknowledged are sent again.
+      const json::value before = client.call("agents/get", {{"agent", "cut"}});
+      INFO("the run after the restart: " << json::serialize(before.at("run")));
+      for (const std::string& key : keys) client.call("agents/send", {{"agent", "cut"}, {"text", "again-" + key}});
+      const json::value done = wait_for_agent(
+          client, "cut",
+          [&](const json::value& a) {
+            const json::object& state = a.at("state").as_object();
+            if (!state.contains("fired") || !state.at("fired").is_object()) return false;
+            for (const std::string& key : keys) {
+              const auto* fired = state.at("fired").as_object().if_contains("again-" + key);
+              if (fired == nullptr || fired->to_number<int64_t>() != 1) return false;
+            }
+            return a.at("run").is_null();
+          },
+          std::chrono::seconds(30));
+      INFO("agent: " << json::serialize(done));
+      const std::string log = daemon.log();
+      INFO("daemon log: " << log.substr(log.size() > 6000 ? log.size() - 6000 : 0));
+      REQUIRE(done.at("run").is_null());
+      const json::object& state = done.at("state").as_object();
+      for (const auto& [key, count] : state.at("seen").as_object()) CHECK(count.to_number<int64_t>() == 1);
+      for (const auto& [key, count] : state.at("fired").as_object()) CHECK(count.to_number<int64_t>() == 1);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace den::test
