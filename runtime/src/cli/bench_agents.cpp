@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "bench_agents.h"
+#include "client_output.h"
 #include "commands.h"
 #include "den/runtime/client.h"
 #include "den/runtime/paths.h"
@@ -62,34 +63,6 @@ Quantiles quantiles(std::vector<double> values) {
 
 json::object to_json(const Quantiles& q) {
   return {{"p50", q.p50}, {"p90", q.p90}, {"p99", q.p99}, {"mean", q.mean}, {"count", q.count}};
-}
-
-int64_t stat(const json::object& stats, std::initializer_list<std::string_view> path) {
-  const json::value* at = nullptr;
-  const json::object* o = &stats;
-  for (std::string_view key : path) {
-    at = o != nullptr ? o->if_contains(key) : nullptr;
-    if (at == nullptr) return 0;
-    o = at->if_object();
-  }
-  json::error_code ec;
-  const auto n = at->to_number<int64_t>(ec);
-  if (!ec) return n;
-  const auto d = at->to_number<double>(ec);
-  return ec ? 0 : static_cast<int64_t>(d);
-}
-
-double stat_number(const json::object& stats, std::initializer_list<std::string_view> path) {
-  const json::value* at = nullptr;
-  const json::object* o = &stats;
-  for (std::string_view key : path) {
-    at = o != nullptr ? o->if_contains(key) : nullptr;
-    if (at == nullptr) return 0;
-    o = at->if_object();
-  }
-  json::error_code ec;
-  const auto d = at->to_number<double>(ec);
-  return ec ? 0 : d;
 }
 
 bool completed(const TurnRecord& r) {
@@ -156,8 +129,8 @@ Summary summarize(const std::string& policy, const RunOutcome& run) {
   if (run.stuck) return s;  // the daemon's counters are missing
   const json::object& a = run.stats_after;
   const json::object& b = run.stats_before;
-  auto delta = [&](std::initializer_list<std::string_view> path) { return stat(a, path) - stat(b, path); };
-  s.busy_s = stat_number(a, {"engine", "busy_s"}) - stat_number(b, {"engine", "busy_s"});
+  auto delta = [&](std::initializer_list<std::string_view> path) { return int_at(a, path) - int_at(b, path); };
+  s.busy_s = number_at(a, {"engine", "busy_s"}) - number_at(b, {"engine", "busy_s"});
   s.busy_ms_per_turn = s.completed > 0 ? 1e3 * s.busy_s / static_cast<double>(s.completed) : 0;
   s.computed = delta({"memory", "tokens_computed"});
   s.recomputed = delta({"memory", "tokens_recomputed"});
@@ -169,13 +142,13 @@ Summary summarize(const std::string& policy, const RunOutcome& run) {
   s.fast_to_dram = delta({"memory", "bytes_moved", "fast_to_dram"});
   s.ssd_read = delta({"memory", "bytes_moved", "ssd_read"});
   s.ssd_written = delta({"memory", "bytes_moved", "ssd_written"});
-  s.fast_capacity = stat(a, {"memory", "fast", "capacity_bytes"});
-  s.dram_capacity = stat(a, {"memory", "dram", "capacity_bytes"});
+  s.fast_capacity = int_at(a, {"memory", "fast", "capacity_bytes"});
+  s.dram_capacity = int_at(a, {"memory", "dram", "capacity_bytes"});
 
   // Where the prompts' KV came from. Computed for the prompts: all KV computed, less what
   // decode steps computed for generated tokens; SSD: the tokens the SSD reads carried; DRAM:
   // the other loaded tokens; fast: what is left (KV that was resident already).
-  const int64_t bytes_per_token = std::max<int64_t>(1, stat(run.model, {"kv_bytes_per_token"}));
+  const int64_t bytes_per_token = std::max<int64_t>(1, int_at(run.model, {"kv_bytes_per_token"}));
   if (s.prompt_tokens > 0) {
     const auto total = static_cast<double>(s.prompt_tokens);
     const int64_t prompt_computed = std::max<int64_t>(0, s.computed + s.recomputed - decode_fed);
@@ -252,18 +225,6 @@ json::object turns_json(const RunOutcome& run) {
           {"records", std::move(records)}};
 }
 
-std::string bytes_text(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (bytes >= 1024 && u < 4) {
-    bytes /= 1024;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", bytes, units[u]);
-  return buf;
-}
-
 void print_tables(const std::vector<Summary>& rows) {
   if (rows.empty()) return;
   std::printf("\n%-22s %6s %7s %9s %9s %9s %8s %8s %11s %11s %10s %10s %10s %10s\n", "policy", "turns", "turns/s",
@@ -273,9 +234,9 @@ void print_tables(const std::vector<Summary>& rows) {
     std::printf("%-22s %6lld %7.2f %9.2f %9.2f %9.2f %8.2f %8.2f %11lld %11lld %10s %10s %10s %10s\n", s.policy.c_str(),
                 static_cast<long long>(s.completed), s.turns_per_s, s.ttft.p50, s.ttft.p90, s.ttft.p99, s.tpot.p50,
                 s.busy_ms_per_turn, static_cast<long long>(s.recomputed), static_cast<long long>(s.loaded),
-                bytes_text(static_cast<double>(s.dram_to_fast)).c_str(),
-                bytes_text(static_cast<double>(s.fast_to_dram)).c_str(), bytes_text(static_cast<double>(s.ssd_read)).c_str(),
-                bytes_text(static_cast<double>(s.ssd_written)).c_str());
+                human_bytes(static_cast<double>(s.dram_to_fast)).c_str(),
+                human_bytes(static_cast<double>(s.fast_to_dram)).c_str(), human_bytes(static_cast<double>(s.ssd_read)).c_str(),
+                human_bytes(static_cast<double>(s.ssd_written)).c_str());
   }
   std::printf("\n%-22s %9s %7s %7s %7s %7s %8s %11s %11s %11s %6s %6s\n", "policy", "prompt/t", "fast", "dram", "ssd",
               "prefix", "computed", "peak fast", "peak dram", "peak ssd", "cut", "unrun");
@@ -285,8 +246,8 @@ void print_tables(const std::vector<Summary>& rows) {
                                 : 0;
     std::printf("%-22s %9.0f %6.1f%% %6.1f%% %6.1f%% %6.1f%% %7.1f%% %11s %11s %11s %6lld %6lld\n", s.policy.c_str(),
                 per_turn, 100 * s.hit_fast, 100 * s.hit_dram, 100 * s.hit_ssd, 100 * s.hit_prefix, 100 * s.hit_computed,
-                bytes_text(static_cast<double>(s.peak_fast)).c_str(), bytes_text(static_cast<double>(s.peak_dram)).c_str(),
-                bytes_text(static_cast<double>(s.peak_ssd)).c_str(), static_cast<long long>(s.cancelled + s.failed),
+                human_bytes(static_cast<double>(s.peak_fast)).c_str(), human_bytes(static_cast<double>(s.peak_dram)).c_str(),
+                human_bytes(static_cast<double>(s.peak_ssd)).c_str(), static_cast<long long>(s.cancelled + s.failed),
                 static_cast<long long>(s.not_started));
   }
   for (const Summary& s : rows) {
@@ -390,10 +351,10 @@ void print_header(const AgentsOptions& o, const json::object& model, const Vocab
               "blocks of %lld tokens\n",
               json::value_to<std::string>(model.at("name")).c_str(), json::value_to<std::string>(model.at("path")).c_str(),
               json::value_to<std::string>(model.at("backend")).c_str(),
-              static_cast<long long>(stat(model, {"parameters"})), static_cast<long long>(stat(model, {"layers"})),
-              static_cast<long long>(stat(model, {"context_length"})),
-              bytes_text(static_cast<double>(stat(model, {"kv_bytes_per_token"}))).c_str(),
-              static_cast<long long>(stat(model, {"block_tokens"})));
+              static_cast<long long>(int_at(model, {"parameters"})), static_cast<long long>(int_at(model, {"layers"})),
+              static_cast<long long>(int_at(model, {"context_length"})),
+              human_bytes(static_cast<double>(int_at(model, {"kv_bytes_per_token"}))).c_str(),
+              static_cast<long long>(int_at(model, {"block_tokens"})));
   std::printf("workload: seed %llu, %d agents x up to %d turns, system prompt %d tokens (%.0f%% shared), medians: first "
               "turn %d, user %d, response %d, tool result %d tokens; think %.1f s, tool %.1f s (p %.2f), timer %.1f s "
               "(p %.2f); waits x%g; %.0f s per policy + %.0f s drain; tokens: %s\n",
@@ -407,10 +368,10 @@ void print_header(const AgentsOptions& o, const json::object& model, const Vocab
 // The hot set: what every agent's history would hold at the end, against the fast pool.
 json::object hot_set(const AgentsOptions& o, const std::vector<AgentPlan>& plans, const json::object& model,
                      int64_t fast_capacity) {
-  const auto context = static_cast<int32_t>(stat(model, {"context_length"}));
+  const auto context = static_cast<int32_t>(int_at(model, {"context_length"}));
   int64_t tokens = 0;
   for (const AgentPlan& p : plans) tokens += planned_final_tokens(o.workload, p, context);
-  const int64_t bytes = tokens * stat(model, {"kv_bytes_per_token"});
+  const int64_t bytes = tokens * int_at(model, {"kv_bytes_per_token"});
   const double ratio = fast_capacity > 0 ? static_cast<double>(bytes) / static_cast<double>(fast_capacity) : 0;
   return {{"tokens", tokens}, {"bytes", bytes}, {"fast_pool_bytes", fast_capacity}, {"over_fast_pool", ratio}};
 }
@@ -438,16 +399,16 @@ void run_agents(const AgentsOptions& given, const std::vector<CLI::Option*>& man
     if (!vocabulary) {
       model = daemon_model(socket);
       vocabulary = workload_vocabulary(json::value_to<std::string>(model.at("path")),
-                                       static_cast<int32_t>(stat(model, {"vocab_size"})));
+                                       static_cast<int32_t>(int_at(model, {"vocab_size"})));
       print_header(o, model, *vocabulary);
     }
     DaemonClient probe(socket);
     const json::object stats = probe.call("daemon/stats").as_object();
-    hot = hot_set(o, plans, model, stat(stats, {"memory", "fast", "capacity_bytes"}));
+    hot = hot_set(o, plans, model, int_at(stats, {"memory", "fast", "capacity_bytes"}));
     std::fprintf(stderr, "bench agents: %s: fast pool %s, DRAM %s; hot set if every turn ran %s = %.1fx the fast pool\n",
-                 name.c_str(), bytes_text(static_cast<double>(stat(stats, {"memory", "fast", "capacity_bytes"}))).c_str(),
-                 bytes_text(static_cast<double>(stat(stats, {"memory", "dram", "capacity_bytes"}))).c_str(),
-                 bytes_text(static_cast<double>(stat(hot, {"bytes"}))).c_str(), stat_number(hot, {"over_fast_pool"}));
+                 name.c_str(), human_bytes(static_cast<double>(int_at(stats, {"memory", "fast", "capacity_bytes"}))).c_str(),
+                 human_bytes(static_cast<double>(int_at(stats, {"memory", "dram", "capacity_bytes"}))).c_str(),
+                 human_bytes(static_cast<double>(int_at(hot, {"bytes"}))).c_str(), number_at(hot, {"over_fast_pool"}));
     DriveOptions drive = o.drive;
     drive.label = name;
     drive.kill_daemon = std::move(kill_daemon);

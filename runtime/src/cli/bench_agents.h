@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -201,6 +202,19 @@ struct RunOutcome {
   bool stuck = false;                // generations did not end after being cancelled: stats_after is stats_before
   std::vector<std::string> errors;   // the first few
 };
+
+// The number at a path of object keys in a daemon answer (0 when a key is missing or the value
+// is not a number): `int_at(stats, {"memory", "fast", "used_bytes"})`.
+double number_at(const boost::json::object& root, std::initializer_list<std::string_view> path);
+int64_t int_at(const boost::json::object& root, std::initializer_list<std::string_view> path);
+inline double number_at(const boost::json::value& root, std::initializer_list<std::string_view> path) {
+  const boost::json::object* o = root.if_object();
+  return o != nullptr ? number_at(*o, path) : 0;
+}
+inline int64_t int_at(const boost::json::value& root, std::initializer_list<std::string_view> path) {
+  const boost::json::object* o = root.if_object();
+  return o != nullptr ? int_at(*o, path) : 0;
+}
 
 // models/list's first model (throws when the daemon lists none).
 boost::json::object daemon_model(const std::string& socket);

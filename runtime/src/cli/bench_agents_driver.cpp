@@ -25,30 +25,6 @@ using Clock = std::chrono::steady_clock;
 double seconds_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 double ms_between(Clock::time_point a, Clock::time_point b) { return 1e3 * seconds_between(a, b); }
 
-int64_t int_at(const json::value& v, std::initializer_list<std::string_view> path) {
-  const json::value* at = &v;
-  for (std::string_view key : path) {
-    const json::object* o = at->if_object();
-    at = o != nullptr ? o->if_contains(key) : nullptr;
-    if (at == nullptr) return 0;
-  }
-  json::error_code ec;
-  const auto n = at->to_number<int64_t>(ec);
-  return ec ? 0 : n;
-}
-
-double number_at(const json::value& v, std::initializer_list<std::string_view> path) {
-  const json::value* at = &v;
-  for (std::string_view key : path) {
-    const json::object* o = at->if_object();
-    at = o != nullptr ? o->if_contains(key) : nullptr;
-    if (at == nullptr) return 0;
-  }
-  json::error_code ec;
-  const auto n = at->to_number<double>(ec);
-  return ec ? 0 : n;
-}
-
 // Shared by the agents and the thread that runs them.
 struct Run {
   Run(const std::string& socket, const WorkloadOptions& w, const Vocabulary& v, const DriveOptions& o,
@@ -329,6 +305,35 @@ OccupancySample sample_of(const json::value& stats, double t_s) {
 
 }  // namespace
 
+static const json::value* value_at(const json::object& root, std::initializer_list<std::string_view> path) {
+  const json::value* at = nullptr;
+  const json::object* o = &root;
+  for (std::string_view key : path) {
+    at = o != nullptr ? o->if_contains(key) : nullptr;
+    if (at == nullptr) return nullptr;
+    o = at->if_object();
+  }
+  return at;
+}
+
+double number_at(const json::object& root, std::initializer_list<std::string_view> path) {
+  const json::value* at = value_at(root, path);
+  if (at == nullptr) return 0;
+  json::error_code ec;
+  const auto d = at->to_number<double>(ec);
+  return ec ? 0 : d;
+}
+
+int64_t int_at(const json::object& root, std::initializer_list<std::string_view> path) {
+  const json::value* at = value_at(root, path);
+  if (at == nullptr) return 0;
+  json::error_code ec;
+  const auto n = at->to_number<int64_t>(ec);
+  if (!ec) return n;
+  const auto d = at->to_number<double>(ec);  // a whole number written as a double
+  return ec ? 0 : static_cast<int64_t>(d);
+}
+
 json::object daemon_model(const std::string& socket) {
   DaemonClient client(socket);
   const json::value listed = client.call("models/list");
@@ -342,10 +347,10 @@ RunOutcome drive_agents(const std::string& socket, const WorkloadOptions& worklo
   RunOutcome out;
   DaemonClient control(socket);
   out.model = daemon_model(socket);
-  const auto context = static_cast<int32_t>(int_at(json::value(out.model), {"context_length"}));
+  const auto context = static_cast<int32_t>(int_at(out.model, {"context_length"}));
   if (context < 8) throw std::runtime_error("bench agents: the daemon's context (" + std::to_string(context) + ") is too short");
   out.stats_before = control.call("daemon/stats").as_object();
-  const bool dram_tier = int_at(json::value(out.stats_before), {"memory", "dram", "capacity_bytes"}) > 0;
+  const bool dram_tier = int_at(out.stats_before, {"memory", "dram", "capacity_bytes"}) > 0;
 
   Run run(socket, workload, vocabulary, options, context, dram_tier);
   std::atomic<bool> sampling{true};

@@ -2,6 +2,7 @@
 #include "client_output.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <stdexcept>
 
@@ -34,6 +35,18 @@ double number_of(const json::value* v) {
   json::error_code ec;
   const double d = v->to_number<double>(ec);
   return ec ? 0.0 : d;
+}
+
+std::string human_bytes(double bytes, int decimals) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (std::abs(bytes) >= 1024.0 && u < 4) {
+    bytes /= 1024.0;
+    ++u;
+  }
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.*f %s", u == 0 ? 0 : decimals, bytes, units[u]);
+  return buf;
 }
 
 std::string plain(const json::value* v) {

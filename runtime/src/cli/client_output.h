@@ -24,6 +24,8 @@ boost::json::value call_daemon(DaemonClient& client, std::string_view method, co
                                const DaemonClient::NotificationHandler& on_notification = {});
 void print_json(const boost::json::value& v);  // one line, flushed
 double number_of(const boost::json::value* v);  // 0 when absent or not a number
+// Bytes in binary units for people: "512 B", "1.5 GiB" (`decimals` past the point above bytes).
+std::string human_bytes(double bytes, int decimals = 1);
 // A scalar as a person reads it: strings bare, booleans yes/no, null "-".
 std::string plain(const boost::json::value* v);
 std::string field(const boost::json::object& o, std::string_view key);

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "client_output.h"
 #include "commands.h"
 #include "den/engine/chat_template.h"
 #include "den/engine/gguf.h"
@@ -17,23 +18,11 @@
 namespace den::runtime::cli {
 namespace {
 
-std::string human_bytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (bytes >= 1024.0 && u < 4) {
-    bytes /= 1024.0;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.2f %s", bytes, units[u]);
-  return buf;
-}
-
 void run_info(const std::string& requested) {
   const std::string path = resolve_model_path(requested);
   const engine::GgufFile file(path);
   std::printf("file          %s (%s, GGUF v%u, %zu tensors, %zu metadata keys)\n", path.c_str(),
-              human_bytes(static_cast<double>(file.file_bytes())).c_str(), file.version(), file.tensors().size(),
+              human_bytes(static_cast<double>(file.file_bytes()), 2).c_str(), file.version(), file.tensors().size(),
               file.metadata().size());
   std::map<std::string, int> type_counts;
   for (const engine::GgufTensor& t : file.tensors()) ++type_counts[std::string(kernels::name(t.type))];
@@ -64,10 +53,10 @@ void run_info(const std::string& requested) {
   std::printf("parameters    %.1f M outside the embedding table (output head %s)\n",
               static_cast<double>(model->non_embedding_parameters()) / 1e6, c.tied_output ? "tied" : "separate");
   std::printf("per token     %s of weights read\n",
-              human_bytes(static_cast<double>(model->weight_bytes_per_token())).c_str());
+              human_bytes(static_cast<double>(model->weight_bytes_per_token()), 2).c_str());
   std::printf("KV per token  %s (float32), %s (bf16)\n",
-              human_bytes(static_cast<double>(model->kv_layout(1, kernels::DType::f32).block_bytes())).c_str(),
-              human_bytes(static_cast<double>(model->kv_layout(1, kernels::DType::bf16).block_bytes())).c_str());
+              human_bytes(static_cast<double>(model->kv_layout(1, kernels::DType::f32).block_bytes()), 2).c_str(),
+              human_bytes(static_cast<double>(model->kv_layout(1, kernels::DType::bf16).block_bytes()), 2).c_str());
   std::printf("vocabulary    %d tokens, %s%s%s; BOS %s, add BOS %s\n", tok.n_vocab(),
               tok.model() == engine::Tokenizer::Model::spm ? "SentencePiece-BPE" : "byte-level BPE",
               tok.pre_tokenizer_name().empty() ? "" : ", pre-tokenizer ",
@@ -110,7 +99,7 @@ void run_new(const NewOptions& o) {
     if (shown == last_shown) return;
     last_shown = shown;
     std::fprintf(stderr, tty ? "\rwriting %s: %3d%% of %s" : "writing %s: %d%% of %s\n", o.output.c_str(), percent,
-                 human_bytes(static_cast<double>(total)).c_str());
+                 human_bytes(static_cast<double>(total), 2).c_str());
   };
   engine::write_random_model(shape, options, o.output);
   if (tty) std::fprintf(stderr, "\n");

@@ -23,18 +23,6 @@ namespace {
 
 namespace json = boost::json;
 
-std::string human_bytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (std::abs(bytes) >= 1024.0 && u < 4) {
-    bytes /= 1024.0;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", bytes, units[u]);
-  return buf;
-}
-
 // "alice (s-3)" for a named session, "s-3" otherwise.
 std::string label(const json::object& session) {
   const json::value* name = session.if_contains("name");
