@@ -116,19 +116,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// The fast-path instances: f16 and bf16 KV, head_dim 64 and 128.
-template <typename F>
-void dispatch_half_types(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::f16:
-      return f(__half{});
-    case DType::bf16:
-      return f(__nv_bfloat16{});
-    default:
-      throw std::logic_error("attention fast path: KV dtype must be f16 or bf16");
-  }
-}
-
 template <typename F>
 void dispatch_head_dim(int32_t head_dim, F&& f) {
   switch (head_dim) {

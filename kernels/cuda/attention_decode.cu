@@ -62,22 +62,32 @@ __global__ void __launch_bounds__(kThreads)
   const int bt = kv.layout.block_tokens;
   const int64_t v_offset = kv.layout.slab_elements();
 
-  // Gathers tile `t` (positions tile_start .. + 15) into stage `st`; rows past `end` zero-filled.
-  auto load_tile = [&](int tile_start, int st) {
+  // Gathers the tile at tile_start (16 positions) into stage `st`; rows past `end` zero-filled.
+  // Rows at `skip` are left for a later load (see below).
+  auto load_tile = [&](int tile_start, int st, int skip) {
     for (int c = lane; c < kTile * CHUNKS; c += 32) {
       const int r = c / CHUNKS, ch = c % CHUNKS;
       const int p = tile_start + r;
+      if (p == skip) continue;
       const bool valid = p < end;
       const T* src = pool;
       if (valid) src = pool + kv.offset(table[p / bt], layer, 0, p % bt) + static_cast<int64_t>(kv_head) * HD + ch * 8;
       cp_async_16(Ks[st] + r * STRIDE + ch * 8, src, valid);
       cp_async_16(Vs[st] + r * STRIDE + ch * 8, valid ? src + v_offset : pool, valid);
     }
-    cp_async_commit();
   };
+  const int tile_stride = kWarps * kTile;
+  const int first_tile = begin + warp * kTile;
 
-  // The K/V of earlier positions could be fetched before the wait, but the newest one is the
-  // previous kernel's output: everything from here on waits for it.
+  // Only the newest position's K/V is the previous kernel's output (the Q/K/V product writes
+  // one position per sequence; kernels that write older ones are full stream boundaries), so
+  // this warp's first two tiles, but for that row, are fetched before the wait, overlapping the
+  // previous kernel's tail. Q and the newest row follow the wait.
+  const int newest = entry.kv_length - 1;
+  for (int i = 0; i < 2; ++i) {
+    if (first_tile + i * tile_stride < end) load_tile(first_tile + i * tile_stride, i, newest);
+    cp_async_commit();
+  }
   pdl_wait();
   for (int c = threadIdx.x; c < 16 * CHUNKS; c += kThreads) {
     const int r = c / CHUNKS, ch = c % CHUNKS;
@@ -85,14 +95,18 @@ __global__ void __launch_bounds__(kThreads)
     const T* src = valid ? q + (static_cast<int64_t>(token) * n_heads + kv_head * G + r) * HD + ch * 8 : q;
     cp_async_16(Qs + r * STRIDE + ch * 8, src, valid);
   }
-  cp_async_commit();
-  const int first_tile = begin + warp * kTile;
-  if (first_tile < end) {
-    load_tile(first_tile, 0);
-  } else {
-    cp_async_commit();  // an empty group keeps the wait counts below uniform
+  for (int i = 0; i < 2; ++i) {
+    const int tile_start = first_tile + i * tile_stride;
+    if (newest >= tile_start && newest < tile_start + kTile && newest < end && lane < CHUNKS) {
+      const int r = newest - tile_start;
+      const T* src = pool + kv.offset(table[newest / bt], layer, 0, newest % bt) + static_cast<int64_t>(kv_head) * HD +
+                     lane * 8;
+      cp_async_16(Ks[i] + r * STRIDE + lane * 8, src, true);
+      cp_async_16(Vs[i] + r * STRIDE + lane * 8, src + v_offset, true);
+    }
   }
-  cp_async_wait<1>();  // Q is in (the first tile may still be in flight)
+  cp_async_commit();
+  cp_async_wait<0>();
   __syncthreads();
 
   uint32_t qf[HD / 16][4];
@@ -105,15 +119,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int dt = 0; dt < HD / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
+  // Two stages per warp: tile i computes from stage i % 2 while tile i + 1 lands; its stage is
+  // refilled with tile i + 2 right after (one commit group per tile, empty past the end).
   int stage = 0;
-  for (int tile_start = first_tile; tile_start < end; tile_start += kWarps * kTile) {
-    const int next = tile_start + kWarps * kTile;
-    if (next < end) {
-      load_tile(next, stage ^ 1);
-      cp_async_wait<1>();  // this tile is in; the next one may still be in flight
-    } else {
-      cp_async_wait<0>();
-    }
+  for (int tile_start = first_tile, i = 0; tile_start < end; tile_start += tile_stride, ++i) {
+    if (i > 0) cp_async_wait<1>();  // tile i is in; tile i + 1 may still be in flight
     __syncwarp();
     const T* K = Ks[stage];
     const T* V = Vs[stage];
@@ -169,7 +179,9 @@ __global__ void __launch_bounds__(kThreads)
       mma_16816<T>(o[2 * dt2], a, b[0], b[1]);
       mma_16816<T>(o[2 * dt2 + 1], a, b[2], b[3]);
     }
-    __syncwarp();  // this stage is refilled two tiles later
+    __syncwarp();  // every lane is done with this stage before it is refilled
+    if (tile_start + 2 * tile_stride < end) load_tile(tile_start + 2 * tile_stride, stage, -1);
+    cp_async_commit();
     stage ^= 1;
   }
 #pragma unroll

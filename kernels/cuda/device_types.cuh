@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 
 #include "den/kernels/dtype.h"
 
@@ -77,6 +78,20 @@ void dispatch_dtype(DType dtype, F&& f) {
       return f(__nv_bfloat16{});
   }
   throw std::logic_error("dispatch_dtype: unknown DType");
+}
+
+// Calls f(T{}) for the 16-bit types only (the tensor-core and single-token paths); `what` names
+// the caller in the error for any other type.
+template <typename F>
+void dispatch_half_types(DType dtype, F&& f, const char* what = "attention fast path: KV dtype") {
+  switch (dtype) {
+    case DType::f16:
+      return f(__half{});
+    case DType::bf16:
+      return f(__nv_bfloat16{});
+    default:
+      throw std::logic_error(std::string(what) + " must be f16 or bf16");
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

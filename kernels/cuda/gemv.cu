@@ -106,8 +106,9 @@ __device__ __forceinline__ void finish_pair(GemvEpilogue epilogue, int t, int64_
 
 // After the accumulate product: the last block to finish sums every pair's squares in a fixed
 // order (deterministic) into each token's inverse RMS, and returns the counter to zero.
-template <int B>
-__device__ void last_block_norm(int64_t n_out, const GemvNormOut& norm_out, float* scratch /* [kWarps * 2 * B] */) {
+template <int BLOCK_THREADS, int B>
+__device__ void last_block_norm(int64_t n_out, const GemvNormOut& norm_out, float* scratch /* [warps * B] */) {
+  constexpr int kBlockWarps = BLOCK_THREADS / 32;
   __shared__ bool last;
   __threadfence();
   __syncthreads();
@@ -122,14 +123,14 @@ __device__ void last_block_norm(int64_t n_out, const GemvNormOut& norm_out, floa
   const int64_t n_pairs = (n_out + 1) / 2;
   for (int token = 0; token < B; ++token) {
     float s = 0.0f;
-    for (int64_t i = threadIdx.x; i < n_pairs; i += kThreads) s += __ldcg(norm_out.partial + token * n_pairs + i);
+    for (int64_t i = threadIdx.x; i < n_pairs; i += BLOCK_THREADS) s += __ldcg(norm_out.partial + token * n_pairs + i);
     s = warp_sum(s);
     if (lane == 0) scratch[warp * B + token] = s;
   }
   __syncthreads();
   if (threadIdx.x < B) {
     float total = 0.0f;
-    for (int k = 0; k < kWarps; ++k) total += scratch[k * B + threadIdx.x];
+    for (int k = 0; k < kBlockWarps; ++k) total += scratch[k * B + threadIdx.x];
     norm_out.inv_rms[threadIdx.x] = 1.0f / sqrtf(total / static_cast<float>(n_out) + norm_out.eps);
   }
 }
@@ -264,7 +265,148 @@ __global__ void __launch_bounds__(kThreads)
     if (lane < B) finish_pair<T>(epilogue, lane, pair, r, second, a0, a1, n_out, y, rope, norm_out);
   }
   if (epilogue == GemvEpilogue::accumulate && norm_out.inv_rms != nullptr) {
-    last_block_norm<B>(n_out, norm_out, scratch);
+    last_block_norm<kThreads, B>(n_out, norm_out, scratch);
+  }
+}
+
+// Single-token products (the batch-1 decode step, where every weight byte is read for one
+// token): a block of 256 threads owns a contiguous range of pairs, so blocks differ by at most one
+// pair (whole-row work per warp left a ragged last wave: 3,072 Q/K/V pairs over 2,112 warps).
+// Thread t owns the input pieces t, t + 256, ... (P of them) for the whole kernel, held in
+// registers (normalized once, in fp32, when there is a norm; else packed as loaded), so the inner
+// loop streams weights only. PAIRS pairs (2 * PAIRS rows) are in flight per step, the next step's
+// loads issued before this step's sums; each step's per-warp sums meet in shared memory (double
+// buffered: one barrier per step) and one thread per pair finishes its epilogue.
+constexpr int kSliceThreads = 256;
+constexpr int kSliceWarps = kSliceThreads / 32;
+constexpr int kSliceMaxPieces = 8;  // n_in up to 8 * 256 * 8 = 16,384 (bf16/f16)
+
+template <int P>
+__host__ __device__ constexpr int slice_pairs() {
+  return P == 1 ? 4 : P == 2 ? 2 : 1;  // about 8 16-byte loads per thread per step
+}
+
+template <typename T, int P, bool NORMED>
+__global__ void __launch_bounds__(kSliceThreads)
+    gemv_slice_kernel(const T* __restrict__ w, int64_t n_in, int64_t n_out, GemvInput input, GemvEpilogue epilogue,
+                      void* __restrict__ y, GemvRope rope, GemvNormOut norm_out) {
+  constexpr int VEC = kVec<T>;
+  constexpr int PAIRS = slice_pairs<P>();
+  pdl_allow_next();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float sums[2][kSliceWarps][PAIRS][2];
+  __shared__ float scratch[kSliceWarps];
+  const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
+  const int64_t begin = blockIdx.x * n_pairs / gridDim.x, end = (blockIdx.x + 1) * n_pairs / gridDim.x;
+  const int64_t n_pieces = n_in / VEC;
+
+  struct Step {
+    uint4 piece[PAIRS][2][P];
+  };
+  auto load_step = [&](int64_t first_pair, Step& s) {
+#pragma unroll
+    for (int q = 0; q < PAIRS; ++q) {
+      const int64_t pair = first_pair + q;
+      if (pair < end) {
+      int64_t r0, r1;
+      pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r0, r1);
+      const T* w0 = w + r0 * n_in;
+      const T* w1 = w + (r1 < n_out ? r1 : r0) * n_in;
+#pragma unroll
+      for (int i = 0; i < P; ++i) {
+        const int64_t piece = threadIdx.x + int64_t{i} * kSliceThreads;
+        if (piece < n_pieces) {
+          s.piece[q][0][i] = __ldcs(reinterpret_cast<const uint4*>(w0) + piece);
+          s.piece[q][1][i] = __ldcs(reinterpret_cast<const uint4*>(w1) + piece);
+        }
+      }
+      }
+    }
+  };
+
+  Step cur, next;
+  if (begin < end) load_step(begin, cur);
+  pdl_wait();
+
+  // This thread's input pieces: normalized in fp32, or packed as they are.
+  float xf[NORMED ? P : 1][VEC];
+  uint4 xp[NORMED ? 1 : P];
+  const int64_t x_row = input.rows != nullptr ? input.rows[0] : 0;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int64_t k = (threadIdx.x + int64_t{i} * kSliceThreads) * VEC;
+    if (k >= n_in) continue;
+    if constexpr (NORMED) {
+      const float* xr = static_cast<const float*>(input.x) + x_row * n_in + k;
+      const float sc = input.inv_rms[x_row];
+#pragma unroll
+      for (int j = 0; j < VEC; j += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(xr + j);
+        const float4 g = *reinterpret_cast<const float4*>(input.norm_weight + k + j);
+        xf[i][j] = g.x * (v.x * sc);
+        xf[i][j + 1] = g.y * (v.y * sc);
+        xf[i][j + 2] = g.z * (v.z * sc);
+        xf[i][j + 3] = g.w * (v.w * sc);
+      }
+    } else {
+      xp[i] = *reinterpret_cast<const uint4*>(static_cast<const T*>(input.x) + x_row * n_in + k);
+    }
+  }
+
+  int buf = 0;
+  for (int64_t first = begin; first < end; first += PAIRS, buf ^= 1) {
+    if (first + PAIRS < end) load_step(first + PAIRS, next);
+    float acc[PAIRS][2];
+#pragma unroll
+    for (int q = 0; q < PAIRS; ++q) acc[q][0] = acc[q][1] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      if ((threadIdx.x + int64_t{i} * kSliceThreads) >= n_pieces) continue;
+      float xv[VEC];
+      if constexpr (NORMED) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) xv[j] = xf[i][j];
+      } else {
+        const T* e = reinterpret_cast<const T*>(&xp[i]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) xv[j] = to_float<T>(e[j]);
+      }
+#pragma unroll
+      for (int q = 0; q < PAIRS; ++q) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const T* e = reinterpret_cast<const T*>(&cur.piece[q][h][i]);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[q][h] = fmaf(to_float<T>(e[j]), xv[j], acc[q][h]);
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < PAIRS; ++q) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float s = warp_sum(acc[q][h]);
+        if (lane == 0) sums[buf][warp][q][h] = s;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < PAIRS && first + threadIdx.x < end) {
+      const int q = threadIdx.x;
+      const int64_t pair = first + q;
+      float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kSliceWarps; ++k) {
+        a0 += sums[buf][k][q][0];
+        a1 += sums[buf][k][q][1];
+      }
+      int64_t r[2];
+      pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r[0], r[1]);
+      finish_pair<T>(epilogue, 0, pair, r, r[1] < n_out, a0, a1, n_out, y, rope, norm_out);
+    }
+    cur = next;
+  }
+  if (epilogue == GemvEpilogue::accumulate && norm_out.inv_rms != nullptr) {
+    last_block_norm<kSliceThreads, 1>(n_out, norm_out, scratch);
   }
 }
 
@@ -296,6 +438,42 @@ int sm_count() {
   return count;
 }
 
+// Whether the single-token kernel takes this product (half types, n_in within its pieces).
+bool slice_path(DType weight_type, int64_t n_in, int32_t n_tokens) {
+  if (n_tokens != 1 || weight_type == DType::f32) return false;
+  const int64_t pieces = n_in / (16 / dtype_bytes(weight_type));
+  return pieces <= int64_t{kSliceMaxPieces} * kSliceThreads;
+}
+
+// Launches the single-token kernel; `blocks` 0 picks as many as are resident at once.
+void launch_slice(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
+                  GemvEpilogue epilogue, void* y, const GemvRope& rope, const GemvNormOut& norm_out,
+                  cudaStream_t stream, int64_t blocks = 0) {
+  const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
+  const int64_t pieces = n_in / (16 / dtype_bytes(weight_type));
+  const auto per_thread = static_cast<int32_t>((pieces + kSliceThreads - 1) / kSliceThreads);
+  dispatch_half_types(weight_type, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_count_1_to_8(per_thread, "gemv: input pieces per thread", [&](auto p_tag) {
+      constexpr int P = decltype(p_tag)::value;
+      auto run = [&](auto kernel) {
+        static thread_local int per_sm = 0;
+        if (per_sm == 0) check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSliceThreads, 0));
+        const int64_t resident = int64_t{sm_count()} * std::max(per_sm, 1);
+        const int64_t wanted = blocks > 0 ? blocks : resident;
+        const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(wanted, n_pairs)));
+        launch_chained(kernel, dim3(grid), dim3(kSliceThreads), 0, stream, static_cast<const T*>(weights), n_in, n_out,
+                       input, epilogue, y, rope, norm_out);
+      };
+      if (input.norm_weight != nullptr) {
+        run(gemv_slice_kernel<T, P, true>);
+      } else {
+        run(gemv_slice_kernel<T, P, false>);
+      }
+    });
+  }, "gemv: the single-token path's weight type");
+}
+
 }  // namespace
 
 bool gemv_supported(DType weight_type, int64_t n_in, int32_t n_tokens) {
@@ -323,6 +501,12 @@ void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_o
   const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
   const GemvRope no_rope{};
   const GemvNormOut no_norm{};
+  if (slice_path(weight_type, n_in, n_tokens)) {
+    launch_slice(weights, weight_type, n_in, n_out, input, epilogue, y, rope != nullptr ? *rope : no_rope,
+                 norm_out != nullptr ? *norm_out : no_norm, stream);
+    check_launch();
+    return;
+  }
   dispatch_dtype(weight_type, [&](auto tag) {
     using T = decltype(tag);
     dispatch_count_1_to_8(n_tokens, "gemv: tokens per call", [&](auto b_tag) {
