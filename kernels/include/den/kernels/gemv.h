@@ -6,9 +6,12 @@
 //   epilogue: store; accumulate into the residual stream (and, by the last block to finish, the
 //             new inverse RMS of each token for the next norm); SwiGLU of paired gate/up rows;
 //             or bias + RoPE + KV store of paired Q/K rows (V rows go to the cache as they are).
-// A block of 128 threads computes one pair of output rows (the pair each epilogue needs), so
-// the work spreads evenly over the GPU whatever the matrix. CPU twin: gemv_ref, composed of the
-// reference ops, so the GPU is checked against the same math the CPU backend runs.
+// Every epilogue works on pairs of output rows (the pair it needs). One token (f16/bf16 weights,
+// n_in up to 16,384): blocks of 256 threads own contiguous, equal ranges of pairs, each thread
+// holding its slices of the input in registers while the weights stream past. Two to eight
+// tokens, or f32 weights: each warp walks whole pairs, the input read through L1. CPU twin:
+// gemv_ref, composed of the reference ops, so the GPU is checked against the same math the CPU
+// backend runs.
 #pragma once
 
 #include <cstdint>
