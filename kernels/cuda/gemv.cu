@@ -36,6 +36,17 @@ __device__ __forceinline__ void pair_rows(GemvEpilogue e, int64_t p, int64_t n_o
   }
 }
 
+// The weight rows of pair p (an odd n_out's last pair repeats its one row; the second sum is
+// then dropped).
+template <typename T>
+__device__ __forceinline__ void pair_weights(const T* w, GemvEpilogue e, int64_t p, int64_t n_in, int64_t n_out,
+                                             const QkvShape& shape, const T*& w0, const T*& w1) {
+  int64_t r0, r1;
+  pair_rows(e, p, n_out, shape.head_dim, shape.style, r0, r1);
+  w0 = w + r0 * n_in;
+  w1 = w + (r1 < n_out ? r1 : r0) * n_in;
+}
+
 // The epilogue of one pair for token t, given its two sums.
 template <typename T>
 __device__ __forceinline__ void finish_pair(GemvEpilogue epilogue, int t, int64_t pair, const int64_t* r, bool second,
@@ -158,10 +169,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarps;
 
   auto load_pieces = [&](int64_t pair, int64_t base, PairPieces& pieces) {
-    int64_t r0, r1;
-    pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r0, r1);
-    const T* w0 = w + r0 * n_in;
-    const T* w1 = w + (r1 < n_out ? r1 : r0) * n_in;
+    const T *w0, *w1;
+    pair_weights(w, epilogue, pair, n_in, n_out, rope.shape, w0, w1);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kStep;
@@ -307,19 +316,17 @@ __global__ void __launch_bounds__(kSliceThreads)
 #pragma unroll
     for (int q = 0; q < PAIRS; ++q) {
       const int64_t pair = first_pair + q;
-      if (pair < end) {
-      int64_t r0, r1;
-      pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r0, r1);
-      const T* w0 = w + r0 * n_in;
-      const T* w1 = w + (r1 < n_out ? r1 : r0) * n_in;
+      if (pair >= end) continue;
+      const T *w0, *w1;
+      pair_weights(w, epilogue, pair, n_in, n_out, rope.shape, w0, w1);
 #pragma unroll
       for (int i = 0; i < P; ++i) {
         const int64_t piece = threadIdx.x + int64_t{i} * kSliceThreads;
         if (piece < n_pieces) {
+          // Streaming loads: each weight is read once per step, L2 should keep other things.
           s.piece[q][0][i] = __ldcs(reinterpret_cast<const uint4*>(w0) + piece);
           s.piece[q][1][i] = __ldcs(reinterpret_cast<const uint4*>(w1) + piece);
         }
-      }
       }
     }
   };
