@@ -20,6 +20,15 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;
 
+// Row pairs of a product: gate/up rows pair across the halves, every other epilogue pairs
+// neighbours (an odd n_out's last pair has one row).
+__host__ __device__ inline int64_t pair_count(GemvEpilogue e, int64_t n_out) {
+  return e == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
+}
+
+// 16-byte input pieces per row.
+inline int64_t input_pieces(DType weight_type, int64_t n_in) { return n_in / (16 / dtype_bytes(weight_type)); }
+
 // The two rows of pair p, per epilogue.
 __device__ __forceinline__ void pair_rows(GemvEpilogue e, int64_t p, int64_t n_out, int head_dim, RopeStyle style,
                                           int64_t& r0, int64_t& r1) {
@@ -163,7 +172,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ float row_scale[B];
   __shared__ float scratch[kWarps * B];
-  const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
+  const int64_t n_pairs = pair_count(epilogue, n_out);
   const bool normed = input.norm_weight != nullptr;
   const int64_t first = lane * VEC;
   const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -305,7 +314,7 @@ __global__ void __launch_bounds__(kSliceThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ float sums[2][kSliceWarps][PAIRS][2];
   __shared__ float scratch[kSliceWarps];
-  const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
+  const int64_t n_pairs = pair_count(epilogue, n_out);
   const int64_t begin = blockIdx.x * n_pairs / gridDim.x, end = (blockIdx.x + 1) * n_pairs / gridDim.x;
   const int64_t n_pieces = n_in / VEC;
 
@@ -448,17 +457,15 @@ int sm_count() {
 // Whether the single-token kernel takes this product (half types, n_in within its pieces).
 bool slice_path(DType weight_type, int64_t n_in, int32_t n_tokens) {
   if (n_tokens != 1 || weight_type == DType::f32) return false;
-  const int64_t pieces = n_in / (16 / dtype_bytes(weight_type));
-  return pieces <= int64_t{kSliceMaxPieces} * kSliceThreads;
+  return input_pieces(weight_type, n_in) <= int64_t{kSliceMaxPieces} * kSliceThreads;
 }
 
-// Launches the single-token kernel; `blocks` 0 picks as many as are resident at once.
+// Launches the single-token kernel on as many blocks as are resident at once.
 void launch_slice(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
                   GemvEpilogue epilogue, void* y, const GemvRope& rope, const GemvNormOut& norm_out,
-                  cudaStream_t stream, int64_t blocks = 0) {
-  const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
-  const int64_t pieces = n_in / (16 / dtype_bytes(weight_type));
-  const auto per_thread = static_cast<int32_t>((pieces + kSliceThreads - 1) / kSliceThreads);
+                  cudaStream_t stream) {
+  const int64_t n_pairs = pair_count(epilogue, n_out);
+  const auto per_thread = static_cast<int32_t>((input_pieces(weight_type, n_in) + kSliceThreads - 1) / kSliceThreads);
   dispatch_half_types(weight_type, [&](auto tag) {
     using T = decltype(tag);
     dispatch_count_1_to_8(per_thread, "gemv: input pieces per thread", [&](auto p_tag) {
@@ -467,8 +474,7 @@ void launch_slice(const void* weights, DType weight_type, int64_t n_in, int64_t 
         static thread_local int per_sm = 0;
         if (per_sm == 0) check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSliceThreads, 0));
         const int64_t resident = int64_t{sm_count()} * std::max(per_sm, 1);
-        const int64_t wanted = blocks > 0 ? blocks : resident;
-        const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(wanted, n_pairs)));
+        const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, n_pairs)));
         launch_chained(kernel, dim3(grid), dim3(kSliceThreads), 0, stream, static_cast<const T*>(weights), n_in, n_out,
                        input, epilogue, y, rope, norm_out);
       };
@@ -505,7 +511,7 @@ void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_o
   if (norm_out != nullptr && epilogue != GemvEpilogue::accumulate) {
     throw std::invalid_argument("gemv: only the accumulate epilogue leaves the next norm's scale");
   }
-  const int64_t n_pairs = epilogue == GemvEpilogue::swiglu ? n_out / 2 : (n_out + 1) / 2;
+  const int64_t n_pairs = pair_count(epilogue, n_out);
   const GemvRope no_rope{};
   const GemvNormOut no_norm{};
   if (slice_path(weight_type, n_in, n_tokens)) {
