@@ -7,7 +7,8 @@
 // computed; positions past the end are zero-filled), S = Q K^T and O += P V as m16n8k16 mma,
 // online softmax in the log2 domain. The 4 warps' states merge through shared memory; splits of
 // a sequence write partial (max, sum, accumulator) states and the last block to finish a
-// (sequence, KV head) merges them (a counter per pair, reset by that block).
+// (sequence, KV head) merges them (a counter per pair, reset by that block). Block-table
+// entries are looked up a tile ahead of the copies that need them.
 #include <cmath>
 
 #include "attention_common.cuh"
@@ -47,12 +48,11 @@ __global__ void __launch_bounds__(kThreads)
   T* Qs = reinterpret_cast<T*>(smem_raw);
   const int kv_head = blockIdx.x, split = blockIdx.y, d = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  T* Ks[2];
-  T* Vs[2];
-  for (int st = 0; st < 2; ++st) {
-    Ks[st] = Qs + Smem::kQ + (static_cast<size_t>(warp) * 2 + st) * 2 * Smem::kTileElems;
-    Vs[st] = Ks[st] + Smem::kTileElems;
-  }
+  // This warp's stages: (K tile, V tile) at Ks(st), Ks(st) + kTileElems (arithmetic, not an
+  // array of pointers, which would live in local memory when indexed by the running stage).
+  T* const warp_stages = Qs + Smem::kQ + static_cast<size_t>(warp) * 2 * 2 * Smem::kTileElems;
+  auto Ks = [&](int st) { return warp_stages + st * 2 * Smem::kTileElems; };
+  auto Vs = [&](int st) { return warp_stages + st * 2 * Smem::kTileElems + Smem::kTileElems; };
   const DecodeEntry entry = decode[d];  // the step's plan: no kernel writes it
   const int token = entry.token;
   const int begin = split * split_tokens;
@@ -62,18 +62,52 @@ __global__ void __launch_bounds__(kThreads)
   const int bt = kv.layout.block_tokens;
   const int64_t v_offset = kv.layout.slab_elements();
 
+  // Where this lane's rows of a tile live, looked up one tile ahead of the copies that use them:
+  // a table load is a round trip, and issued next to its copies it would stall the warp. When
+  // blocks hold whole tiles (block_tokens a multiple of 16, as configured in practice) a tile is
+  // one table entry and consecutive slots; otherwise each row is looked up on its own.
+  constexpr int ROWS_PER_PASS = 32 / CHUNKS;  // a warp copies this many rows at a time
+  constexpr int PASSES = kTile / ROWS_PER_PASS;
+  static_assert(PASSES >= 2, "whole-tile lookups keep (block, first slot) in id[0], id[1]");
+  const bool whole_tiles = bt % kTile == 0;
+  const int64_t token_elements = kv.layout.token_elements();
+  struct RowBlocks {
+    int32_t id[PASSES];
+  };
+  auto lookup = [&](int tile_start) {
+    RowBlocks b;
+    if (whole_tiles) {
+      const int index = tile_start / bt;
+      b.id[0] = tile_start < end ? __ldg(table + index) : 0;
+      b.id[1] = tile_start - index * bt;
+      return b;
+    }
+#pragma unroll
+    for (int j = 0; j < PASSES; ++j) {
+      const int p = tile_start + lane / CHUNKS + j * ROWS_PER_PASS;
+      b.id[j] = p < end ? __ldg(table + p / bt) : 0;
+    }
+    return b;
+  };
   // Gathers the tile at tile_start (16 positions) into stage `st`; rows past `end` zero-filled.
-  // Rows at `skip` are left for a later load (see below).
-  auto load_tile = [&](int tile_start, int st, int skip) {
-    for (int c = lane; c < kTile * CHUNKS; c += 32) {
-      const int r = c / CHUNKS, ch = c % CHUNKS;
+  // The row at `skip` is left for a later load (see below).
+  auto load_tile = [&](const RowBlocks& b, int tile_start, int st, int skip) {
+    const int ch = lane % CHUNKS;
+    const T* tile_base =
+        pool + kv.offset(whole_tiles ? b.id[0] : 0, layer, 0, whole_tiles ? b.id[1] : 0) + kv_head * HD + ch * 8;
+#pragma unroll
+    for (int j = 0; j < PASSES; ++j) {
+      const int r = lane / CHUNKS + j * ROWS_PER_PASS;
       const int p = tile_start + r;
       if (p == skip) continue;
       const bool valid = p < end;
       const T* src = pool;
-      if (valid) src = pool + kv.offset(table[p / bt], layer, 0, p % bt) + static_cast<int64_t>(kv_head) * HD + ch * 8;
-      cp_async_16(Ks[st] + r * STRIDE + ch * 8, src, valid);
-      cp_async_16(Vs[st] + r * STRIDE + ch * 8, valid ? src + v_offset : pool, valid);
+      if (valid) {
+        src = whole_tiles ? tile_base + r * token_elements
+                          : pool + kv.offset(b.id[j], layer, 0, p % bt) + kv_head * HD + ch * 8;
+      }
+      cp_async_16(Ks(st) + r * STRIDE + ch * 8, src, valid);
+      cp_async_16(Vs(st) + r * STRIDE + ch * 8, valid ? src + v_offset : pool, valid);
     }
   };
   const int tile_stride = kWarps * kTile;
@@ -84,8 +118,12 @@ __global__ void __launch_bounds__(kThreads)
   // this warp's first two tiles, but for that row, are fetched before the wait, overlapping the
   // previous kernel's tail. Q and the newest row follow the wait.
   const int newest = entry.kv_length - 1;
+  const RowBlocks first_blocks[2] = {lookup(first_tile), lookup(first_tile + tile_stride)};
+  RowBlocks ahead = lookup(first_tile + 2 * tile_stride);
+#pragma unroll
   for (int i = 0; i < 2; ++i) {
-    if (first_tile + i * tile_stride < end) load_tile(first_tile + i * tile_stride, i, newest);
+    const int tile_start = first_tile + i * tile_stride;
+    if (tile_start < end) load_tile(first_blocks[i], tile_start, i, newest);
     cp_async_commit();
   }
   pdl_wait();
@@ -101,8 +139,8 @@ __global__ void __launch_bounds__(kThreads)
       const int r = newest - tile_start;
       const T* src = pool + kv.offset(table[newest / bt], layer, 0, newest % bt) + static_cast<int64_t>(kv_head) * HD +
                      lane * 8;
-      cp_async_16(Ks[i] + r * STRIDE + lane * 8, src, true);
-      cp_async_16(Vs[i] + r * STRIDE + lane * 8, src + v_offset, true);
+      cp_async_16(Ks(i) + r * STRIDE + lane * 8, src, true);
+      cp_async_16(Vs(i) + r * STRIDE + lane * 8, src + v_offset, true);
     }
   }
   cp_async_commit();
@@ -125,15 +163,23 @@ __global__ void __launch_bounds__(kThreads)
   for (int tile_start = first_tile, i = 0; tile_start < end; tile_start += tile_stride, ++i) {
     if (i > 0) cp_async_wait<1>();  // tile i is in; tile i + 1 may still be in flight
     __syncwarp();
-    const T* K = Ks[stage];
-    const T* V = Vs[stage];
+    const T* K = Ks(stage);
+    const T* V = Vs(stage);
+    // Scores in two accumulator sets (even and odd kk), halving the chain of dependent mma.
     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
       uint32_t b[4];
       ldmatrix_x4(b, K + ((lane / 16) * 8 + lane % 8) * STRIDE + kk * 16 + ((lane / 8) % 2) * 8);
-      mma_16816<T>(s[0], qf[kk], b[0], b[1]);
-      mma_16816<T>(s[1], qf[kk], b[2], b[3]);
+      float(*acc)[4] = kk % 2 == 0 ? s : s_odd;
+      mma_16816<T>(acc[0], qf[kk], b[0], b[1]);
+      mma_16816<T>(acc[1], qf[kk], b[2], b[3]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] += s_odd[nt][e];
     }
     float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -163,12 +209,15 @@ __global__ void __launch_bounds__(kThreads)
         l[e / 2] += s[nt][e];
       }
     }
+    // Once the running maxima settle, most tiles leave them unchanged: skip the rescale then.
+    if (__any_sync(0xffffffffu, correction[0] != 1.0f || correction[1] != 1.0f)) {
 #pragma unroll
-    for (int dt = 0; dt < HD / 8; ++dt) {
-      o[dt][0] *= correction[0];
-      o[dt][1] *= correction[0];
-      o[dt][2] *= correction[1];
-      o[dt][3] *= correction[1];
+      for (int dt = 0; dt < HD / 8; ++dt) {
+        o[dt][0] *= correction[0];
+        o[dt][1] *= correction[0];
+        o[dt][2] *= correction[1];
+        o[dt][3] *= correction[1];
+      }
     }
     const uint32_t a[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
                            pack2<T>(s[1][2], s[1][3])};
@@ -180,8 +229,9 @@ __global__ void __launch_bounds__(kThreads)
       mma_16816<T>(o[2 * dt2 + 1], a, b[2], b[3]);
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
-    if (tile_start + 2 * tile_stride < end) load_tile(tile_start + 2 * tile_stride, stage, -1);
+    if (tile_start + 2 * tile_stride < end) load_tile(ahead, tile_start + 2 * tile_stride, stage, -1);
     cp_async_commit();
+    ahead = lookup(tile_start + 3 * tile_stride);
     stage ^= 1;
   }
 #pragma unroll
@@ -228,22 +278,22 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const bool single = n_splits == 1;
+  // Partial states: accumulators [n_decode][n_heads][n_splits][HD], then (max, sum) pairs in
+  // the same order, so the merge below reads accumulators as aligned float4.
+  const int64_t head_row0 = (static_cast<int64_t>(d) * n_heads + kv_head * G) * n_splits;  // (g 0, split 0)
+  float2* split_states = reinterpret_cast<float2*>(partial + static_cast<int64_t>(gridDim.z) * n_heads * n_splits * HD);
   for (int e = threadIdx.x; e < G * HD; e += kThreads) {
     const int g = e / HD, col = e % HD;
     float total = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += merge_o[(w * G + g) * HD + col] * warp_scale[w][g];
-    const int head = kv_head * G + g;
     if (single) {
-      out[(static_cast<int64_t>(token) * n_heads + head) * HD + col] =
+      out[(static_cast<int64_t>(token) * n_heads + kv_head * G + g) * HD + col] =
           from_float<T>(run_sum[g] > 0.0f ? total / run_sum[g] : 0.0f);
     } else {
-      float* dst = partial + ((static_cast<int64_t>(d) * n_heads + head) * n_splits + split) * (HD + 2);
-      if (col == 0) {
-        dst[0] = run_max[g];
-        dst[1] = run_sum[g];
-      }
-      dst[2 + col] = total;
+      const int64_t row = head_row0 + static_cast<int64_t>(g) * n_splits + split;
+      if (col == 0) split_states[row] = make_float2(run_max[g], run_sum[g]);
+      partial[row * HD + col] = total;
     }
   }
   if (single) return;
@@ -260,16 +310,15 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (!last) return;
   // Every split's (max, sum) into shared memory in one parallel load, the scale of each split
-  // per head, then each output element as independent L2 loads (__ldcg: other blocks wrote
+  // per head, then the accumulators as independent float4 L2 loads (__ldcg: other blocks wrote
   // them; L1 may hold nothing stale).
   __threadfence();
   __shared__ float split_max[kMaxSplits][G], split_scale[kMaxSplits][G], inv_total[G];
-  const float* head_base = partial + (static_cast<int64_t>(d) * n_heads + kv_head * G) * n_splits * (HD + 2);
   for (int i = threadIdx.x; i < n_splits * G; i += kThreads) {
     const int sp = i / G, g = i % G;
-    const float* state = head_base + (static_cast<int64_t>(g) * n_splits + sp) * (HD + 2);
-    split_max[sp][g] = __ldcg(state);
-    split_scale[sp][g] = __ldcg(state + 1);  // the sum for now
+    const float2 state = __ldcg(split_states + head_row0 + static_cast<int64_t>(g) * n_splits + sp);
+    split_max[sp][g] = state.x;
+    split_scale[sp][g] = state.y;  // the sum for now
   }
   __syncthreads();
   if (threadIdx.x < G) {
@@ -285,15 +334,26 @@ __global__ void __launch_bounds__(kThreads)
     inv_total[g] = ll > 0.0f ? 1.0f / ll : 0.0f;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < G * HD; e += kThreads) {
-    const int g = e / HD, col = e % HD;
-    const float* acc_base = head_base + static_cast<int64_t>(g) * n_splits * (HD + 2) + 2 + col;
-    float a = 0.0f;
+  constexpr int QUADS = HD / 4;
+  for (int e = threadIdx.x; e < G * QUADS; e += kThreads) {
+    const int g = e / QUADS, quad = e % QUADS;
+    const float4* acc = reinterpret_cast<const float4*>(partial + (head_row0 + static_cast<int64_t>(g) * n_splits) * HD) + quad;
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 8
     for (int sp = 0; sp < n_splits; ++sp) {
-      a = fmaf(split_scale[sp][g], __ldcg(acc_base + static_cast<int64_t>(sp) * (HD + 2)), a);
+      const float4 v = __ldcg(acc + static_cast<int64_t>(sp) * QUADS);
+      const float f = split_scale[sp][g];
+      a.x = fmaf(f, v.x, a.x);
+      a.y = fmaf(f, v.y, a.y);
+      a.z = fmaf(f, v.z, a.z);
+      a.w = fmaf(f, v.w, a.w);
     }
-    out[(static_cast<int64_t>(token) * n_heads + kv_head * G + g) * HD + col] = from_float<T>(a * inv_total[g]);
+    T* dst = out + (static_cast<int64_t>(token) * n_heads + kv_head * G + g) * HD + quad * 4;
+    const float inv = inv_total[g];
+    dst[0] = from_float<T>(a.x * inv);
+    dst[1] = from_float<T>(a.y * inv);
+    dst[2] = from_float<T>(a.z * inv);
+    dst[3] = from_float<T>(a.w * inv);
   }
 }
 
