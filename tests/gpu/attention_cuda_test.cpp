@@ -1,6 +1,7 @@
 // Paged attention on the GPU against paged_attention_head_ref: decode sequences (with KV splits
-// up to 5000 positions), prefill tiles, GQA groups of 3 and 4, f16/bf16 at head sizes 64 and
-// 128 (the fast paths) and f32 at 8 and 40 (the generic kernel). Both sides read the very same
+// up to 5000 positions, 4 of them and 40), prefill tiles, GQA groups of 3 and 4, blocks of 16
+// tokens (and 5, 12 and 32 for the decode lookups), f16/bf16 at head sizes 64 and 128 (the fast
+// paths) and f32 at 8 and 40 (the generic kernel). Both sides read the very same
 // KV bytes and the same rounded queries; unused pool slots hold NaN.
 #include <numeric>
 
@@ -21,12 +22,12 @@ uint16_t to_half_bits(float v, DType t) { return t == DType::bf16 ? kernels::f32
 float from_half_bits(uint16_t h, DType t) { return t == DType::bf16 ? kernels::bf16_to_f32(h) : kernels::fp16_to_f32(h); }
 
 void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, const std::vector<Seq>& seqs,
-                     std::mt19937& rng) {
-  const kernels::KvLayout layout{2, n_kv, head_dim, 16, t};
+                     std::mt19937& rng, int32_t bt = 16, int32_t splits = 4) {
+  const kernels::KvLayout layout{2, n_kv, head_dim, bt, t};
   const int32_t layer = 1;
   // Block tables over a shuffled pool with spare blocks.
   int64_t need = 0;
-  for (const Seq& s : seqs) need += (s.length + 15) / 16;
+  for (const Seq& s : seqs) need += (s.length + bt - 1) / bt;
   const int64_t n_blocks = need + 5;
   std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
   std::iota(ids.begin(), ids.end(), 0);
@@ -35,8 +36,8 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
   size_t next = 0;
   for (const Seq& s : seqs) {
     tables.emplace_back(ids.begin() + static_cast<ptrdiff_t>(next),
-                        ids.begin() + static_cast<ptrdiff_t>(next + (s.length + 15) / 16));
-    next += (s.length + 15) / 16;
+                        ids.begin() + static_cast<ptrdiff_t>(next + (s.length + bt - 1) / bt));
+    next += (s.length + bt - 1) / bt;
   }
   // The pool: NaN everywhere, random K/V for every position of every sequence.
   const size_t elements = static_cast<size_t>(n_blocks * layout.block_elements());
@@ -52,7 +53,7 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
   for (size_t q = 0; q < seqs.size(); ++q) {
     for (int32_t p = 0; p < seqs[q].length; ++p) {
       for (int kv = 0; kv < 2; ++kv) {
-        const int64_t base = host.offset(tables[q][static_cast<size_t>(p / 16)], layer, kv, p % 16);
+        const int64_t base = host.offset(tables[q][static_cast<size_t>(p / bt)], layer, kv, p % bt);
         for (int64_t i = 0; i < layout.token_elements(); ++i) {
           const float v = normal(rng);
           if (t == DType::f32) {
@@ -127,8 +128,7 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
   kernels::AttentionPlan plan;
   plan.decode = d_decode.as<kernels::DecodeEntry>();
   plan.n_decode = static_cast<int32_t>(decode.size());
-  plan.n_splits = 4;
-  plan.split_tokens = std::max(64, ((max_decode + 3) / 4 + 63) / 64 * 64);
+  plan.split_tokens = std::max(64, ((max_decode + splits - 1) / splits + 63) / 64 * 64);
   plan.n_splits = std::max(1, (max_decode + plan.split_tokens - 1) / plan.split_tokens);
   kernels::DeviceBuffer workspace(kernels::attention_workspace_bytes(plan.n_decode, n_heads, plan.n_splits, head_dim));
   kernels::check(cudaMemset(workspace.get(), 0, workspace.bytes()));
@@ -147,6 +147,7 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
                                            : (t == DType::bf16 ? test::bf16_to_floats(test::to_host<uint16_t>(out, q_elements))
                                                                : test::fp16_to_floats(test::to_host<uint16_t>(out, q_elements)));
   const std::string what = "attention " + std::string(kernels::dtype_name(t)) + " hd=" + std::to_string(head_dim) +
+                           " block_tokens " + std::to_string(bt) +
                            " heads " + std::to_string(n_heads) + "/" + std::to_string(n_kv) +
                            (kernels::attention_fast_path(t, head_dim) ? " (fast paths, splits " +
                                                                             std::to_string(plan.n_splits) + ")"
@@ -166,6 +167,11 @@ TEST_CASE("paged attention fast paths match the reference (decode with splits, p
       check_attention(t, hd, 6, 2, mixed, rng);
     }
   }
+  // Blocks that do not hold whole 16-position decode tiles (rows looked up one by one), and
+  // blocks of two tiles.
+  for (int32_t bt : {12, 5, 32}) check_attention(DType::bf16, 128, 8, 2, mixed, rng, bt);
+  // As many splits as the step plan makes at long contexts (the last block merges all of them).
+  check_attention(DType::bf16, 128, 8, 2, mixed, rng, 16, 64);
 }
 
 TEST_CASE("paged attention generic kernel (f32 KV, small heads) matches the reference") {
