@@ -1,7 +1,8 @@
 // POSIX file access for the SSD tier: File (open/pwrite/pread/fsync with O_DIRECT where the
 // filesystem allows it), durable rename, directory fsync, unlink and AlignedBuffer. Every call
 // asks the IoFaultInjector first, so tests can make any of them fail, and reports what it
-// changed to the injector's observers afterwards.
+// changed to the injector's observers afterwards. Injected interruptions are acted out in the
+// same retry loops that real EINTR and partial transfers go through.
 #include "den/memory/file_io.h"
 
 #include <fcntl.h>
@@ -41,6 +42,32 @@ std::string at_offset(int64_t size, int64_t offset) {
   return std::to_string(size) + " bytes at offset " + std::to_string(offset);
 }
 
+// Acts out an injected fault's interruptions, one per attempt of a system call: each says
+// whether the attempt fails with EINTR, moves only part of what was asked, or goes through.
+class Interruptions {
+ public:
+  enum class Attempt { go_through, eintr, partial };
+  explicit Interruptions(int n) : left_(n) {}
+  // transfers: a read or write (which a signal can cut short); otherwise every one is EINTR.
+  Attempt next(bool transfers) {
+    if (left_ <= 0) return Attempt::go_through;
+    --left_;
+    return transfers && (seen_++ % 2 == 1) ? Attempt::partial : Attempt::eintr;
+  }
+
+ private:
+  int left_;
+  int seen_ = 0;
+};
+
+// What a signal mid-transfer lets through of `left` bytes: about half, in whole O_DIRECT units
+// when the transfer is direct (the whole of it when that is a single unit).
+int64_t partial_count(int64_t left, bool direct) {
+  if (!direct) return std::max<int64_t>(1, left / 2);
+  const int64_t units = left / kDirectIoAlignment / 2;
+  return units > 0 ? units * kDirectIoAlignment : left;
+}
+
 // Closes `fd` once; EINTR from close must not be retried on Linux (the descriptor is gone).
 void close_fd(int fd) {
   if (fd >= 0) ::close(fd);
@@ -50,9 +77,13 @@ void close_fd(int fd) {
 
 File::File(const std::filesystem::path& path, Mode mode, bool direct, IoFaultInjector* faults)
     : path_(path), faults_(faults) {
-  consult(faults_, IoOp::open, "open", path_);
+  Interruptions interruptions(consult(faults_, IoOp::open, "open", path_).interruptions);
   const int flags = (mode == Mode::read ? O_RDONLY : O_WRONLY | O_CREAT | O_EXCL) | O_CLOEXEC;
   do {
+    if (interruptions.next(false) == Interruptions::Attempt::eintr) {
+      errno = EINTR;
+      continue;
+    }
     fd_ = ::open(path_.c_str(), flags, 0600);
   } while (fd_ < 0 && errno == EINTR);
   if (fd_ < 0) throw_io("open", path_, errno);
@@ -106,8 +137,13 @@ void File::write_at(const void* bytes, int64_t size, int64_t offset) {
   const auto* p = static_cast<const char*>(bytes);
   int64_t done = 0;
   int error = 0;
+  Interruptions interruptions(fault.interruptions);
   while (done < to_write) {
-    const ssize_t n = ::pwrite(fd_, p + done, static_cast<size_t>(to_write - done), offset + done);
+    int64_t ask = to_write - done;
+    const Interruptions::Attempt attempt = interruptions.next(true);
+    if (attempt == Interruptions::Attempt::eintr) continue;  // as if pwrite failed with EINTR
+    if (attempt == Interruptions::Attempt::partial) ask = partial_count(ask, direct_ && !drop_direct);
+    const ssize_t n = ::pwrite(fd_, p + done, static_cast<size_t>(ask), offset + done);
     if (n < 0 && errno == EINTR) continue;
     // pwrite returning 0 for a nonzero count means the device took nothing: treat as full.
     if (n <= 0) {
@@ -126,11 +162,15 @@ void File::write_at(const void* bytes, int64_t size, int64_t offset) {
 }
 
 void File::read_at(void* bytes, int64_t size, int64_t offset) const {
-  consult(faults_, IoOp::read, "read", path_);
+  Interruptions interruptions(consult(faults_, IoOp::read, "read", path_).interruptions);
   auto* p = static_cast<char*>(bytes);
   int64_t done = 0;
   while (done < size) {
-    const ssize_t n = ::pread(fd_, p + done, static_cast<size_t>(size - done), offset + done);
+    int64_t ask = size - done;
+    const Interruptions::Attempt attempt = interruptions.next(true);
+    if (attempt == Interruptions::Attempt::eintr) continue;  // as if pread failed with EINTR
+    if (attempt == Interruptions::Attempt::partial) ask = partial_count(ask, direct_);
+    const ssize_t n = ::pread(fd_, p + done, static_cast<size_t>(ask), offset + done);
     if (n < 0) {
       if (errno == EINTR) continue;
       throw_io("read", path_, errno, at_offset(size, offset));
@@ -170,9 +210,13 @@ void rename_durably(const std::filesystem::path& from, const std::filesystem::pa
 }
 
 void sync_directory(const std::filesystem::path& dir, IoFaultInjector* faults) {
-  consult(faults, IoOp::fsync_dir, "fsync directory", dir);
-  int fd;
+  Interruptions interruptions(consult(faults, IoOp::fsync_dir, "fsync directory", dir).interruptions);
+  int fd = -1;
   do {
+    if (interruptions.next(false) == Interruptions::Attempt::eintr) {
+      errno = EINTR;
+      continue;
+    }
     fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) throw_io("open directory", dir, errno);

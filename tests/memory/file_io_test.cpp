@@ -1,5 +1,5 @@
 // The SSD tier's file layer: File round trips (buffered and O_DIRECT), AlignedBuffer, durable
-// rename, unlink, and faults injected into each call (EIO, ENOSPC short writes).
+// rename, unlink, and faults injected into each call (EIO, ENOSPC short writes, signals).
 #include <unistd.h>
 
 #include <algorithm>
@@ -207,6 +207,51 @@ TEST_CASE("injected faults on file open, fsync and read throw IoError with their
     CHECK(io_errno([&] { f.read_at(&byte, 1, 0); }) == EIO);
     f.read_at(&byte, 1, 0);
     CHECK(byte == 'x');
+  }
+}
+
+TEST_CASE("calls interrupted by signals (EINTR, partial transfers) still complete, buffered and O_DIRECT") {
+  test::TempDir dir;
+  std::mt19937 rng(17);
+  for (const int signals : {1, 2, 7}) {
+    CAPTURE(signals);
+    test::InterruptEveryCall faults(signals);
+    {  // buffered, odd sizes
+      const auto bytes = random_bytes(rng, 10007);
+      const auto path = dir.path() / ("buffered-" + std::to_string(signals));
+      {
+        File f(path, File::Mode::create_exclusive, false, &faults);
+        f.write_at(bytes.data(), 6001, 0);
+        f.write_at(bytes.data() + 6001, 4006, 6001);
+        f.sync();
+      }
+      File r(path, File::Mode::read, false, &faults);
+      std::vector<unsigned char> got(bytes.size());
+      r.read_at(got.data() + 3, static_cast<int64_t>(got.size()) - 3, 3);
+      r.read_at(got.data(), 3, 0);
+      CHECK(got == bytes);
+      CHECK(test::read_file(path.string()) == std::string(bytes.begin(), bytes.end()));
+    }
+    {  // O_DIRECT (or its buffered fallback), whole pages
+      memory::AlignedBuffer out(5 * 4096);
+      const auto bytes = random_bytes(rng, static_cast<size_t>(out.size()));
+      std::memcpy(out.data(), bytes.data(), bytes.size());
+      const auto path = dir.path() / ("direct-" + std::to_string(signals));
+      {
+        File f(path, File::Mode::create_exclusive, true, &faults);
+        f.write_at(out.data(), out.size(), 0);
+        f.sync();
+      }
+      File r(path, File::Mode::read, true, &faults);
+      memory::AlignedBuffer in(5 * 4096);
+      r.read_at(in.data(), in.size(), 0);
+      CHECK(std::memcmp(in.data(), bytes.data(), bytes.size()) == 0);
+    }
+    CHECK(faults.interrupted(IoOp::open) == 4);
+    CHECK(faults.interrupted(IoOp::write) == 3);
+    CHECK(faults.interrupted(IoOp::read) == 3);
+    memory::sync_directory(dir.path(), &faults);
+    CHECK(faults.interrupted(IoOp::fsync_dir) == 1);
   }
 }
 

@@ -1,6 +1,7 @@
-// A fault injector for the memory tests: fails the nth call (0-based) of one file operation,
-// optionally only on paths a predicate accepts and only once armed. Used by the file, segment
-// and durability tests.
+// Fault injectors for the memory tests: FailOp fails the nth call (0-based) of one file
+// operation, optionally only on paths a predicate accepts and only once armed;
+// InterruptEveryCall makes every call meet signals. Used by the file, segment and durability
+// tests.
 #pragma once
 
 #include <filesystem>
@@ -30,6 +31,26 @@ class FailOp : public memory::IoFaultInjector {
   int nth_;
   PathFilter applies_;
   int calls_ = 0;
+};
+
+// Interrupts every open, read, write and directory open `n` times (EINTR, then partial
+// transfers, alternately: IoFault::interruptions), failing nothing; counts the calls it touched.
+class InterruptEveryCall : public memory::IoFaultInjector {
+ public:
+  explicit InterruptEveryCall(int n) : n_(n) {}
+  memory::IoFault before(memory::IoOp op, const std::filesystem::path&) override {
+    if (op != memory::IoOp::open && op != memory::IoOp::read && op != memory::IoOp::write &&
+        op != memory::IoOp::fsync_dir) {
+      return {};
+    }
+    ++interrupted_[static_cast<int>(op)];
+    return memory::IoFault{0, -1, n_};
+  }
+  int interrupted(memory::IoOp op) const { return interrupted_[static_cast<int>(op)]; }
+
+ private:
+  int n_;
+  int interrupted_[16] = {};
 };
 
 }  // namespace den::test

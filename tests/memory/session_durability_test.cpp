@@ -1,5 +1,5 @@
 // Crash consistency of checkpoints: a child process is killed at each step of the commit
-// protocol, and I/O faults (EIO, ENOSPC, short writes) are injected into each file call; after
+// protocol, and I/O faults (EIO, ENOSPC, short writes, signals) are injected into each file call; after
 // a restart every session is at its previous or its new generation with verified KV, and no
 // half-written file is used or left behind. Then the restart oracle: a process checkpoints a
 // real model's session and exits; a new process wakes it and generates the same continuation as
@@ -165,6 +165,40 @@ TEST_CASE("durability: EIO, ENOSPC and short writes fail the checkpoint and chan
       CHECK(m.info(id).generation == 2);
     }
     CHECK(check_recovered(dir.path(), id) == 2);
+  }
+}
+
+TEST_CASE("durability: file calls interrupted by signals still checkpoint, and wake the KV exactly") {
+  for (const int signals : {1, 4}) {
+    CAPTURE(signals);
+    test::TempDir dir;
+    test::InterruptEveryCall faults(signals);
+    memory::SessionId id;
+    {
+      auto c = config(dir.path());
+      c.faults = &faults;
+      SessionManager m(c);
+      id = m.create("s");
+      m.append(id, tokens_of(10, 18));
+      compute(m, id);
+      m.checkpoint(id)->wait_or_throw();
+      m.append(id, tokens_of(500, 9));
+      compute(m, id);
+      m.checkpoint(id)->wait_or_throw();
+      CHECK(m.info(id).generation == 2);
+    }
+    CHECK(faults.interrupted(memory::IoOp::open) > 0);
+    CHECK(faults.interrupted(memory::IoOp::write) > 0);
+    CHECK(faults.interrupted(memory::IoOp::fsync_dir) > 0);
+    // A new process reads it back through interrupted reads too.
+    auto c = config(dir.path());
+    c.faults = &faults;
+    SessionManager m(c);
+    CHECK(m.info(id).generation == 2);
+    CHECK(test::fake_kv_is_exact(m, id));
+    CHECK(m.stats().tokens_recomputed == 0);
+    CHECK(m.stats().tokens_computed == 0);
+    CHECK(faults.interrupted(memory::IoOp::read) > 0);
   }
 }
 

@@ -30,6 +30,11 @@ enum class IoOp { open, write, read, fsync, fsync_dir, rename, unlink };
 struct IoFault {
   int error = 0;                   // 0: no fault
   int64_t short_write_bytes = -1;  // >= 0: a short write of this many bytes
+  // > 0: the call meets this many signals before it goes through. They alternate: the system
+  // call fails with EINTR having done nothing, then (reads and writes) it moves only part of
+  // what was asked, as a signal arriving mid-transfer makes it do. The call must still complete.
+  // Applies to open, read and write (fsync, rename and unlink do not return EINTR on Linux).
+  int interruptions = 0;
 };
 
 // Tests subclass this; production passes nullptr everywhere. `before` may fail a call; the
