@@ -68,6 +68,19 @@ int64_t partial_count(int64_t left, bool direct) {
   return units > 0 ? units * kDirectIoAlignment : left;
 }
 
+// open(2), retried on EINTR, the injected ones included; -1 with errno set on failure.
+int open_retrying(const std::filesystem::path& path, int flags, Interruptions& interruptions) {
+  int fd = -1;
+  do {
+    if (interruptions.next(false) == Interruptions::Attempt::eintr) {
+      errno = EINTR;
+      continue;
+    }
+    fd = ::open(path.c_str(), flags, 0600);
+  } while (fd < 0 && errno == EINTR);
+  return fd;
+}
+
 // Closes `fd` once; EINTR from close must not be retried on Linux (the descriptor is gone).
 void close_fd(int fd) {
   if (fd >= 0) ::close(fd);
@@ -79,13 +92,7 @@ File::File(const std::filesystem::path& path, Mode mode, bool direct, IoFaultInj
     : path_(path), faults_(faults) {
   Interruptions interruptions(consult(faults_, IoOp::open, "open", path_).interruptions);
   const int flags = (mode == Mode::read ? O_RDONLY : O_WRONLY | O_CREAT | O_EXCL) | O_CLOEXEC;
-  do {
-    if (interruptions.next(false) == Interruptions::Attempt::eintr) {
-      errno = EINTR;
-      continue;
-    }
-    fd_ = ::open(path_.c_str(), flags, 0600);
-  } while (fd_ < 0 && errno == EINTR);
+  fd_ = open_retrying(path_, flags, interruptions);
   if (fd_ < 0) throw_io("open", path_, errno);
   if (faults_ != nullptr && mode == Mode::create_exclusive) faults_->after_create(path_);
   // O_DIRECT is switched on after open rather than passed to it: where a filesystem refuses
@@ -211,14 +218,7 @@ void rename_durably(const std::filesystem::path& from, const std::filesystem::pa
 
 void sync_directory(const std::filesystem::path& dir, IoFaultInjector* faults) {
   Interruptions interruptions(consult(faults, IoOp::fsync_dir, "fsync directory", dir).interruptions);
-  int fd = -1;
-  do {
-    if (interruptions.next(false) == Interruptions::Attempt::eintr) {
-      errno = EINTR;
-      continue;
-    }
-    fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  } while (fd < 0 && errno == EINTR);
+  const int fd = open_retrying(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, interruptions);
   if (fd < 0) throw_io("open directory", dir, errno);
   const int rc = ::fsync(fd);
   const int error = errno;
