@@ -807,46 +807,63 @@ struct AgentRuntime::Impl {
 
   // --- runs -----------------------------------------------------------------------------------
 
+  // Sets the run up (its journal, the handler, ctx and its arguments) and steps it. A run that
+  // cannot be set up fails like a handler that raised: recorded, answered, and the agent goes on
+  // to its next trigger (otherwise it would hold a run that never steps, and stop for good).
   void start_run(Agent& a, RunRecord record) {
     auto run = std::make_unique<Run>();
     run->record = std::move(record);
-    for (JournalEntry& e : store.journal(run->record.id)) run->journal[e.seq] = std::move(e);
     a.run = std::move(run);
     lua_State* L = a.sandbox->state();
-    const std::string handler = handler_for(a.run->record.trigger);
-    if (!a.sandbox->push_handler(handler)) {
+    const int top = lua_gettop(L);
+    // The handler's arguments pushed on its coroutine: their count, or none without a handler.
+    auto set_up = [&]() -> std::optional<int> {
+      for (JournalEntry& e : store.journal(a.run->record.id)) a.run->journal[e.seq] = std::move(e);
+      memory::failpoint("agents.start_run");
+      if (!a.sandbox->push_handler(handler_for(a.run->record.trigger))) return std::nullopt;
+      a.run->co = a.sandbox->new_coroutine();
+      lua_State* co = a.run->co->thread();
+      lua_xmove(L, co, 1);  // the handler
+      json::value state = json::parse(a.record.state_json);
+      push_ctx(co, a, state);
+      lua_pushvalue(co, -1);
+      a.run->ctx_ref = luaL_ref(co, LUA_REGISTRYINDEX);
+      int nargs = 1;
+      if (a.run->record.trigger == "message") {
+        const std::optional<MessageRecord> m = store.message(a.run->record.message_id);
+        json::object msg{{"id", a.run->record.message_id}, {"from", m ? m->sender : ""}};
+        const json::value body = m ? json::parse(m->body_json) : json::value(nullptr);
+        msg["body"] = body;
+        if (body.is_string()) {
+          msg["text"] = body;
+        } else if (body.is_object() && body.as_object().contains("text")) {
+          msg["text"] = body.at("text");
+        }
+        lua::push_json(co, msg);
+        ++nargs;
+      } else if (a.run->record.trigger == "timer") {
+        json::value payload = nullptr;
+        for (const TimerRecord& t : store.timers(a.record.id)) {
+          if (t.id == a.run->record.timer_id) payload = json::parse(t.payload_json);
+        }
+        lua::push_json(co, payload);
+        ++nargs;
+      }
+      return nargs;
+    };
+    std::optional<int> nargs;
+    try {
+      nargs = set_up();
+    } catch (const std::exception& e) {
+      lua_settop(L, top);
+      finish_run(a, false, std::string("the run could not start: ") + e.what());
+      return;
+    }
+    if (!nargs) {
       finish_run(a, true, "");  // nothing to do for this trigger
       return;
     }
-    a.run->co = a.sandbox->new_coroutine();
-    lua_State* co = a.run->co->thread();
-    lua_xmove(L, co, 1);  // the handler
-    json::value state = json::parse(a.record.state_json);
-    push_ctx(co, a, state);
-    lua_pushvalue(co, -1);
-    a.run->ctx_ref = luaL_ref(co, LUA_REGISTRYINDEX);
-    int nargs = 1;
-    if (a.run->record.trigger == "message") {
-      const std::optional<MessageRecord> m = store.message(a.run->record.message_id);
-      json::object msg{{"id", a.run->record.message_id}, {"from", m ? m->sender : ""}};
-      const json::value body = m ? json::parse(m->body_json) : json::value(nullptr);
-      msg["body"] = body;
-      if (body.is_string()) {
-        msg["text"] = body;
-      } else if (body.is_object() && body.as_object().contains("text")) {
-        msg["text"] = body.at("text");
-      }
-      lua::push_json(co, msg);
-      ++nargs;
-    } else if (a.run->record.trigger == "timer") {
-      json::value payload = nullptr;
-      for (const TimerRecord& t : store.timers(a.record.id)) {
-        if (t.id == a.run->record.timer_id) payload = json::parse(t.payload_json);
-      }
-      lua::push_json(co, payload);
-      ++nargs;
-    }
-    step_run(a, nargs);
+    step_run(a, *nargs);
   }
 
   void step_run(Agent& a, int nargs) {

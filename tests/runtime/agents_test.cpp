@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <atomic>
 #include <chrono>
+#include <future>
 #include <thread>
 
 #include "daemon_process.h"
@@ -123,6 +124,38 @@ TEST_CASE("agents answer messages, keep state and survive a restart") {
   CHECK(replies_of(send_and_wait(client, "echo", "c")) == std::vector<std::string>{"echo c #3"});
   client.call("agents/delete", {{"agent", "echo"}});
   CHECK(client.call("agents/list").at("agents").as_array().empty());
+}
+
+TEST_CASE("a run that cannot be set up fails, and the agent goes on with its next message") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  // The agent's second run (its first message; the first is on_start) meets an I/O error while
+  // it is set up. Before runs were set up under a catch, the agent then held a run that never
+  // stepped and handled nothing more.
+  ::setenv("DEN_FAILPOINTS", "agents.start_run=error@2", 1);
+  DaemonProcess daemon(agent_daemon_args());
+  ::unsetenv("DEN_FAILPOINTS");
+  DaemonClient client(daemon.socket_path());
+  spawn(client, "echo", kEchoAgent);
+  // Waited for on a thread of its own: a wedged agent would never answer it, and the test must
+  // fail then, not hang (killing the daemon ends the wait).
+  auto first = std::async(std::launch::async, [&] {
+    DaemonClient waiting(daemon.socket_path());
+    return send_and_wait(waiting, "echo", "a");
+  });
+  if (first.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+    daemon.kill(SIGKILL);
+    first.wait();
+    FAIL("the message whose run could not start was never answered");
+  }
+  const json::value answer = first.get();
+  CHECK(answer.at("status").as_string() == "failed");
+  CHECK(replies_of(answer).empty());
+  CHECK(wait_for_log(client, "echo", "the run could not start"));
+  const json::value agent = wait_for_agent(
+      client, "echo", [](const json::value& a) { return a.at("run").is_null(); }, std::chrono::seconds(30));
+  REQUIRE(agent.at("run").is_null());
+  CHECK(replies_of(send_and_wait(client, "echo", "b")) == std::vector<std::string>{"echo b #1"});
+  CHECK(replies_of(send_and_wait(client, "echo", "c")) == std::vector<std::string>{"echo c #2"});
 }
 
 // The handler generates, then sleeps (durably); the daemon is killed during the sleep. After the
