@@ -6,6 +6,7 @@
 #include "den/memory/file_io.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -130,6 +131,16 @@ File& File::operator=(File&& other) noexcept {
   return *this;
 }
 
+void File::reserve(int64_t size) {
+  if (size <= 0) return;
+  int rc;
+  do {
+    rc = ::posix_fallocate(fd_, 0, static_cast<off_t>(size));  // returns the error, not errno
+  } while (rc == EINTR);
+  if (rc == 0 || rc == EOPNOTSUPP || rc == EINVAL) return;  // EINVAL: not supported here either
+  throw_io("fallocate", path_, rc);
+}
+
 void File::write_at(const void* bytes, int64_t size, int64_t offset) {
   const IoFault fault = consult(faults_, IoOp::write, "write", path_);
   const bool short_write = fault.short_write_bytes >= 0;
@@ -240,21 +251,43 @@ AlignedBuffer::AlignedBuffer(int64_t bytes) {
   if (bytes < 0) throw std::invalid_argument("aligned buffer of " + std::to_string(bytes) + " bytes");
   if (bytes == 0) return;
   size_ = (bytes + kDirectIoAlignment - 1) / kDirectIoAlignment * kDirectIoAlignment;
+  constexpr int64_t kMapFrom = int64_t{2} << 20;
+  if (size_ >= kMapFrom) {
+    void* p = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    ::madvise(p, static_cast<size_t>(size_), MADV_HUGEPAGE);  // a hint: fewer page faults where THP is on
+    data_ = p;
+    mapped_ = true;
+    return;
+  }
   data_ = std::aligned_alloc(static_cast<size_t>(kDirectIoAlignment), static_cast<size_t>(size_));
   if (data_ == nullptr) throw std::bad_alloc();
   std::memset(data_, 0, static_cast<size_t>(size_));
 }
 
-AlignedBuffer::~AlignedBuffer() { std::free(data_); }
+void AlignedBuffer::release() {
+  if (data_ == nullptr) return;
+  if (mapped_) {
+    ::munmap(data_, static_cast<size_t>(size_));
+  } else {
+    std::free(data_);
+  }
+  data_ = nullptr;
+}
+
+AlignedBuffer::~AlignedBuffer() { release(); }
 
 AlignedBuffer::AlignedBuffer(AlignedBuffer&& other) noexcept
-    : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+    : data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)),
+      mapped_(std::exchange(other.mapped_, false)) {}
 
 AlignedBuffer& AlignedBuffer::operator=(AlignedBuffer&& other) noexcept {
   if (this != &other) {
-    std::free(data_);
+    release();
     data_ = std::exchange(other.data_, nullptr);
     size_ = std::exchange(other.size_, 0);
+    mapped_ = std::exchange(other.mapped_, false);
   }
   return *this;
 }

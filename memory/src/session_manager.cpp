@@ -61,7 +61,10 @@ SessionManager::SessionManager(MemoryConfig config) : config_(std::move(config))
   if (config_.fast_blocks <= 0) throw std::invalid_argument("session manager: the fast pool needs at least one block");
   if (config_.dram_blocks < 0) throw std::invalid_argument("session manager: negative DRAM pool size");
   impl_ = std::make_unique<Impl>(*this, config_);
-  if (!config_.state_dir.empty()) impl_->open_store();
+  if (!config_.state_dir.empty()) {
+    impl_->open_store();
+    impl_->prepare_wake_staging();
+  }
   impl_->worker = std::thread([this] { impl_->run_worker(); });
 }
 

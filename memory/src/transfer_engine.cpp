@@ -11,6 +11,7 @@
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "den/kernels/kv_blocks.h"
+#include "den/memory/file_io.h"
 
 #ifdef DEN_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -507,8 +509,118 @@ struct TransferEngine::Impl {};
 // ---------------------------------------------------------------------------------------------
 // TransferEngine
 
+// ---- Host staging ----
+
+struct HostStaging::Buffer {
+  explicit Buffer(int64_t size, bool pinned) : bytes(size) {
+#ifdef DEN_HAVE_CUDA
+    if (pinned) {
+      pinned_memory = kernels::PinnedBuffer(static_cast<size_t>(size));  // page-aligned
+      return;
+    }
+#endif
+    (void)pinned;
+    aligned = AlignedBuffer(size);
+  }
+  void* data() const {
+#ifdef DEN_HAVE_CUDA
+    if (pinned_memory.get() != nullptr) return pinned_memory.get();
+#endif
+    return aligned.data();
+  }
+  int64_t bytes;
+  AlignedBuffer aligned;
+#ifdef DEN_HAVE_CUDA
+  kernels::PinnedBuffer pinned_memory;
+#endif
+};
+
+struct HostStaging::Pool {
+  std::mutex mutex;
+  std::vector<std::unique_ptr<Buffer>> free;
+  bool pinned = false;
+};
+
+HostStaging::~HostStaging() {
+  if (!buffer_) return;
+  std::lock_guard lock(pool_->mutex);
+  constexpr size_t kKept = 8;  // a wake's readers' worth
+  if (pool_->free.size() < kKept) pool_->free.push_back(std::move(buffer_));
+}
+HostStaging::HostStaging() = default;
+HostStaging::HostStaging(HostStaging&& other) noexcept = default;
+HostStaging& HostStaging::operator=(HostStaging&& other) noexcept {
+  if (this != &other) {
+    HostStaging released(std::move(*this));  // returns the old buffer to its pool
+    pool_ = std::move(other.pool_);
+    buffer_ = std::move(other.buffer_);
+  }
+  return *this;
+}
+void* HostStaging::data() const { return buffer_ ? buffer_->data() : nullptr; }
+int64_t HostStaging::bytes() const { return buffer_ ? buffer_->bytes : 0; }
+
+HostStaging TransferEngine::host_staging(int64_t bytes) {
+  if (bytes <= 0) throw std::invalid_argument("TransferEngine::host_staging: " + std::to_string(bytes) + " bytes");
+  const int64_t size = (bytes + kDirectIoAlignment - 1) / kDirectIoAlignment * kDirectIoAlignment;
+  HostStaging staging;
+  staging.pool_ = staging_pool_;
+  {
+    std::lock_guard lock(staging_pool_->mutex);
+    auto& free = staging_pool_->free;
+    for (auto it = free.begin(); it != free.end(); ++it) {
+      if ((*it)->bytes == size) {
+        staging.buffer_ = std::move(*it);
+        free.erase(it);
+        return staging;
+      }
+    }
+  }
+  staging.buffer_ = std::make_unique<HostStaging::Buffer>(size, staging_pool_->pinned);
+  return staging;
+}
+
+Transfer TransferEngine::staging_to_fast(const HostStaging& from, std::span<const int32_t> fast_blocks) {
+  check_ids("staging_to_fast", "fast_blocks", fast_blocks, fast_, "fast");
+  const int64_t block_bytes = fast_.layout().block_bytes();
+  if (static_cast<int64_t>(fast_blocks.size()) * block_bytes > from.bytes()) {
+    throw std::invalid_argument("TransferEngine::staging_to_fast: " + std::to_string(fast_blocks.size()) +
+                                " blocks of " + std::to_string(block_bytes) + " bytes from a staging buffer of " +
+                                std::to_string(from.bytes()));
+  }
+  const auto* source = static_cast<const char*>(from.data());
+  if (!impl_) {
+    for (size_t i = 0; i < fast_blocks.size(); ++i) {
+      std::memcpy(storage(fast_) + fast_blocks[i] * block_bytes, source + static_cast<int64_t>(i) * block_bytes,
+                  static_cast<size_t>(block_bytes));
+    }
+  } else {
+#ifdef DEN_HAVE_CUDA
+    // The copy kernel reads the mapped pinned buffer over the link and scatters into the pool.
+    void* mapped = nullptr;
+    kernels::check(cudaHostGetDevicePointer(&mapped, const_cast<char*>(source), 0));
+    for (size_t first = 0; first < fast_blocks.size(); first += kIdsPerSlot) {
+      const size_t n = std::min<size_t>(kIdsPerSlot, fast_blocks.size() - first);
+      const DeviceIds ids = impl_->upload_ids({}, fast_blocks.subspan(first, n), impl_->copy.get());
+      kernels::kv_copy_blocks_cuda(static_cast<const char*>(mapped) + static_cast<int64_t>(first) * block_bytes,
+                                   impl_->fast_blocks, nullptr, ids.b, static_cast<int32_t>(n), block_bytes,
+                                   impl_->copy.get());
+      ids.slot->free.record(impl_->copy.get());
+    }
+    impl_->finished.record(impl_->copy.get());
+    impl_->finished.synchronize();
+#endif
+  }
+  Transfer t;
+  t.bytes_ = static_cast<int64_t>(fast_blocks.size()) * block_bytes;
+  return t;
+}
+
 TransferEngine::TransferEngine(BlockPool& fast, BlockPool& dram, TransferPath path)
-    : fast_(fast), dram_(dram), path_(path == TransferPath::automatic ? kDefaultPath : path) {
+    : fast_(fast),
+      dram_(dram),
+      path_(path == TransferPath::automatic ? kDefaultPath : path),
+      staging_pool_(std::make_shared<HostStaging::Pool>()) {
   const kernels::KvLayout& a = fast.layout();
   const kernels::KvLayout& b = dram.layout();
   if (!(a == b)) {
@@ -530,6 +642,7 @@ TransferEngine::TransferEngine(BlockPool& fast, BlockPool& dram, TransferPath pa
   }
 #ifdef DEN_HAVE_CUDA
   impl_ = std::make_unique<Impl>(fast, dram);
+  staging_pool_->pinned = true;
 #endif
 }
 

@@ -177,6 +177,18 @@ TEST_CASE("transfer engine (GPU): every op on every path moves exactly the expec
         for (size_t i = 0; i < n; ++i) std::memcpy(fast_model.data() + to[i] * bb, hosts[i], static_cast<size_t>(bb));
         CHECK(read_pool(fast) == fast_model);
       }
+      {  // pinned staging read in place by the copy kernel, the buffer reused from the pool
+        for (int round = 0; round < 2; ++round) {
+          memory::HostStaging staging = engine.host_staging(static_cast<int64_t>(n) * bb);
+          REQUIRE(staging.bytes() >= static_cast<int64_t>(n) * bb);
+          fill_random(static_cast<char*>(staging.data()), n * static_cast<size_t>(bb), rng());
+          const auto to = chunked_ids(rng, fast_cap, n);
+          CHECK(engine.staging_to_fast(staging, to).ready());
+          const auto* p = static_cast<const char*>(staging.data());
+          for (size_t i = 0; i < n; ++i) std::memcpy(fast_model.data() + to[i] * bb, p + i * bb, static_cast<size_t>(bb));
+          CHECK(read_pool(fast) == fast_model);
+        }
+      }
     }
   }
 }

@@ -193,9 +193,9 @@ TEST_CASE("page-sized segment blocks read straight into aligned destinations and
   }
 }
 
-TEST_CASE("a segment larger than one write chunk reports progress up to its size") {
+TEST_CASE("a segment larger than one write chunk and one read request reports progress up to its size") {
   test::TempDir dir;
-  const int n = 160;  // 10 MiB of blocks
+  const int n = 640;  // 40 MiB of blocks: five write chunks of 8 MiB, two read requests of 32 MiB
   const Blocks blocks = make_blocks(kBigLayout, n, 3);
   const auto path = dir.path() / "seg-big";
   std::vector<int64_t> done;

@@ -2,12 +2,14 @@
 // right bytes for scattered id lists at block sizes that are not powers of two, Transfers are
 // idempotent and wait when destroyed, and bad requests are refused with the op, index and id.
 // The GPU paths are tested in tests/gpu/transfer_engine_cuda_test.cpp.
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
 
+#include "den/memory/file_io.h"
 #include "den/memory/transfer_engine.h"
 #include "test_support.h"
 
@@ -111,6 +113,25 @@ TEST_CASE("transfer engine: every op moves the right bytes between host pools") 
           for (size_t i = 0; i < n; ++i) std::memcpy(expected.data() + to[i] * bb, buffers[i].data(), buffers[i].size());
           engine.host_to_fast(sources, to).wait();
           CHECK(snapshot(fast) == expected);
+        }
+        {  // staging -> fast, twice, the second buffer taken back from the engine's pool
+          for (int round = 0; round < 2; ++round) {
+            memory::HostStaging staging = engine.host_staging(static_cast<int64_t>(n) * bb);
+            REQUIRE(staging.bytes() >= static_cast<int64_t>(n) * bb);
+            CHECK(reinterpret_cast<uintptr_t>(staging.data()) % memory::kDirectIoAlignment == 0);
+            auto* p = static_cast<char*>(staging.data());
+            for (int64_t i = 0; i < static_cast<int64_t>(n) * bb; ++i) p[i] = static_cast<char>(rng());
+            const auto to = random_ids(rng, fast.capacity(), n);
+            auto expected = snapshot(fast);
+            for (size_t i = 0; i < n; ++i) std::memcpy(expected.data() + to[i] * bb, p + i * bb, static_cast<size_t>(bb));
+            CHECK(engine.staging_to_fast(staging, to).bytes() == static_cast<int64_t>(n) * bb);
+            CHECK(snapshot(fast) == expected);
+          }
+          memory::HostStaging small = engine.host_staging(bb);  // rounded up to a page
+          std::vector<int32_t> one_too_many(static_cast<size_t>(small.bytes() / bb + 1));
+          std::iota(one_too_many.begin(), one_too_many.end(), 0);
+          CHECK_THROWS_WITH_AS(engine.staging_to_fast(small, one_too_many),
+                               doctest::Contains("from a staging buffer of"), std::invalid_argument);
         }
       }
     }

@@ -75,6 +75,10 @@ class File {
   void write_at(const void* bytes, int64_t size, int64_t offset);
   // Reads exactly `size` bytes at `offset`; throws IoError, and on end of file too.
   void read_at(void* bytes, int64_t size, int64_t offset) const;
+  // Allocates the file's first `size` bytes on disk (fallocate): writes that then land in any
+  // order still make one contiguous file, and a full disk shows before anything is written.
+  // Throws IoError (ENOSPC, EDQUOT, EIO); does nothing where the filesystem cannot.
+  void reserve(int64_t size);
   // fsync; throws IoError. After a failed fsync the file must not be trusted or fsynced again.
   void sync();
   int64_t size() const;
@@ -106,7 +110,11 @@ void remove_file(const std::filesystem::path& path, IoFaultInjector* faults = nu
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;
-  explicit AlignedBuffer(int64_t bytes);  // rounded up to kDirectIoAlignment, zero-filled
+  // Rounded up to kDirectIoAlignment, zero-filled. Large buffers are mapped pages, zero from
+  // the kernel as they are first touched (no up-front fill: a checkpoint's snapshot of
+  // gigabytes would otherwise spend seconds writing zeros it overwrites), huge pages where the
+  // kernel allows.
+  explicit AlignedBuffer(int64_t bytes);
   ~AlignedBuffer();
   AlignedBuffer(AlignedBuffer&& other) noexcept;
   AlignedBuffer& operator=(AlignedBuffer&& other) noexcept;
@@ -116,8 +124,10 @@ class AlignedBuffer {
   int64_t size() const { return size_; }
 
  private:
+  void release();
   void* data_ = nullptr;
   int64_t size_ = 0;
+  bool mapped_ = false;  // mmap'ed (large) rather than aligned_alloc'ed
 };
 
 }  // namespace den::memory

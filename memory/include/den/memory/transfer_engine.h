@@ -62,6 +62,31 @@ class LayeredTransfer final : public engine::KvArrival {
   Transfer all_;                    // the whole copy
 };
 
+// Host memory that a disk read can land in and a copy to the fast pool can read from where it
+// lies: pinned and mapped when the fast pool is on a GPU (no bounce through the engine's own
+// staging), plain otherwise; aligned for O_DIRECT either way. Handed out by
+// TransferEngine::host_staging and returned to the engine's pool when destroyed (pinning costs
+// milliseconds per buffer, too much to pay on every wake). Must not outlive its engine.
+class HostStaging {
+ public:
+  HostStaging();
+  ~HostStaging();
+  HostStaging(HostStaging&& other) noexcept;
+  HostStaging& operator=(HostStaging&& other) noexcept;
+  HostStaging(const HostStaging&) = delete;
+  HostStaging& operator=(const HostStaging&) = delete;
+  void* data() const;
+  int64_t bytes() const;
+
+  struct Buffer;  // implementation detail (pinned or aligned memory)
+
+ private:
+  friend class TransferEngine;
+  struct Pool;
+  std::shared_ptr<Pool> pool_;
+  std::unique_ptr<Buffer> buffer_;
+};
+
 // How DRAM <-> fast copies of scattered blocks run on a GPU (the CPU backend always memcpys):
 //   kernel:       one copy kernel per request reads/writes the mapped pinned DRAM pool directly
 //                 (zero-copy over PCIe/C2C); no staging.
@@ -116,6 +141,11 @@ class TransferEngine {
   LayeredTransfer dram_to_fast_by_layer(std::span<const int32_t> dram_blocks, std::span<const int32_t> fast_blocks);
   // fast[fast_blocks[i]] <- hosts[i]
   Transfer host_to_fast(std::span<const void* const> hosts, std::span<const int32_t> fast_blocks);
+  // A staging buffer of at least `bytes` (thread-safe; reuses returned buffers of that size).
+  HostStaging host_staging(int64_t bytes);
+  // fast[fast_blocks[i]] <- block i of `from` (at from.data() + i * block_bytes). Synchronous
+  // like host_to_fast, without its copy into the engine's staging on a GPU.
+  Transfer staging_to_fast(const HostStaging& from, std::span<const int32_t> fast_blocks);
   // fast[dst[i]] <- fast[src[i]] (copy-on-write of a shared block)
   Transfer fast_to_fast(std::span<const int32_t> src_blocks, std::span<const int32_t> dst_blocks);
 
@@ -136,6 +166,7 @@ class TransferEngine {
   BlockPool& dram_;
   TransferPath path_;
   std::unique_ptr<Impl> impl_;
+  std::shared_ptr<HostStaging::Pool> staging_pool_;
 };
 
 }  // namespace den::memory
