@@ -432,6 +432,7 @@ struct SessionManager::Impl {
     prefix_extend(s);  // once: after a cost-model drop the index must not hand the blocks back
     std::unordered_set<int32_t> ours_set;  // the records this call left in flight
     auto ours = [&](int32_t h) { return ours_set.count(h) != 0; };
+    bool planned = false;
     for (;;) {
       changed.wait(lock, [&] {
         for (int32_t h : s.blocks) if (rec(h).in_flight && !ours(h)) return false;
@@ -449,10 +450,16 @@ struct SessionManager::Impl {
       }
       if (missing.empty()) return true;
 
-      if (config.cost_model) {
+      if (config.cost_model && !planned) {
+        planned = true;  // once: the plan for the front left would split it again, and again
         const int32_t first_token = static_cast<int32_t>(missing.front()) * block_tokens;
         const int32_t restore_tokens = s.kv_tokens - first_token;
-        const RestorePlan plan = plan_restore(config.costs, from_ssd ? Tier::ssd : Tier::dram, restore_tokens,
+        // A layer-wise wake from DRAM overlaps the copy of the front with the engine's work on the
+        // tail (layer l computes while later layers arrive), so a split can beat both pure plans;
+        // SSD reads bring whole blocks, one part after the other.
+        RestoreCosts costs = config.costs;
+        costs.layerwise = arriving != nullptr && !from_ssd;
+        const RestorePlan plan = plan_restore(costs, from_ssd ? Tier::ssd : Tier::dram, restore_tokens,
                                               block_bytes / block_tokens);
         if (plan.load_tokens < restore_tokens) {
           const int32_t keep_blocks = (first_token + plan.load_tokens) / block_tokens;

@@ -526,6 +526,49 @@ TEST_CASE("session: a layer-wise lease wakes from DRAM and settles before the bl
   CHECK(m.stats().tokens_recomputed == 0);
 }
 
+// With the front's layers arriving while the engine computes, loading part and recomputing the
+// rest overlap, and the cost model may split: here loading and recomputing a token cost the same,
+// so half is loaded and half recomputed. A whole-block wake of the same session loads it all.
+TEST_CASE("session: a layer-wise wake over a slow link loads the front and recomputes the tail") {
+  auto c = config(64, 64);
+  c.cost_model = true;
+  const double bytes_per_token = static_cast<double>(kLayout.block_bytes()) / kLayout.block_tokens;
+  c.costs.prefill_tokens_per_s = 1e3;
+  c.costs.dram_to_fast_bytes_per_s = bytes_per_token * 1e3;  // a token loads as fast as it computes
+  SessionManager m(c);
+  const auto a = m.create();
+  m.append(a, sequence(5, 40));  // ten full blocks
+  run(m, a);
+  m.hibernate(a, Tier::dram)->wait_or_throw();
+  m.append(a, sequence(80, 2));
+  {
+    auto lease = m.lease(a, 42, true);
+    REQUIRE(lease.has_value());
+    CHECK(lease->kv_tokens() == 20);  // the front, five blocks
+    if (lease->arrival() != nullptr) {
+      for (int32_t layer = 0; layer < kLayout.n_layers; ++layer) lease->arrival()->before_layer(layer, nullptr);
+    }
+    test::fake_compute(m, *lease);
+  }
+  CHECK(test::fake_kv_is_exact(m, a));
+  CHECK(m.stats().tokens_recomputed == 20);
+
+  // Without the overlap the two parts would run one after the other: an end point wins.
+  const auto b = m.create();
+  m.append(b, sequence(7, 40));
+  run(m, b);
+  m.hibernate(b, Tier::dram)->wait_or_throw();
+  m.append(b, sequence(90, 2));
+  {
+    auto lease = m.lease(b, 42, false);
+    REQUIRE(lease.has_value());
+    CHECK(lease->kv_tokens() == 40);
+    test::fake_compute(m, *lease);
+  }
+  CHECK(test::fake_kv_is_exact(m, b));
+  CHECK(m.stats().tokens_recomputed == 20);
+}
+
 // Two sessions of one engine step, both woken layer by layer from DRAM. The second lease must
 // not wait for blocks the first leaves arriving: they settle only after the step that would
 // hold both (the deadlock `den bench agents` found with a shared system prompt). Done on
