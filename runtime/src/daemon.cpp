@@ -206,10 +206,9 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
   signals.async_wait(on_signal);
 
   server.start();
-  // Several io threads, each connection on a strand: a client that floods the socket keeps one
-  // of them busy while the others serve everyone else. Idle ones cost nothing, so half the
-  // cores (2 to 8): a handful of flooding connections still leaves threads free.
-  const unsigned io_threads = std::clamp(std::thread::hardware_concurrency() / 2, 2u, 8u);
+  // Several io threads, each connection on a strand: a client that floods the socket keeps at
+  // most one of them busy, and floods together at most half (the server's burst slots).
+  const unsigned io_threads = io_thread_count();
   std::vector<std::thread> io_pool;
   for (unsigned i = 0; i < io_threads; ++i) {
     io_pool.emplace_back([&io] {

@@ -304,6 +304,75 @@ TEST_CASE("daemon answers bad input with errors while stats stays fast") {
   CHECK(daemon.stop() == 0);
 }
 
+// Connections with a backlog take turns on at most half the io threads (the burst slots):
+// here four pipeline 4,000 requests each in batches of 250 while one client calls one at a
+// time. Every line must be answered, exactly once, nobody starving.
+TEST_CASE("daemon answers every pipelined line of four floods while a one-at-a-time client is served") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  DaemonProcess daemon(stories_daemon_args({}));
+  constexpr int kFloods = 4, kBatches = 16, kBatch = 250;
+  std::vector<std::string> errors(kFloods + 1);
+  std::atomic<int> floods_done{0};
+  std::vector<std::thread> floods;
+  for (int f = 0; f < kFloods; ++f) {
+    floods.emplace_back([&, f] {
+      try {
+        DaemonClient c(daemon.socket_path());
+        int next_id = 0;
+        for (int b = 0; b < kBatches; ++b) {
+          std::string batch;
+          for (int i = 0; i < kBatch; ++i, ++next_id) {
+            batch += i % 5 == 0 ? std::string("not json\n")
+                                : "{\"jsonrpc\":\"2.0\",\"id\":" + std::to_string(next_id) + ",\"method\":\"no/such\"}\n";
+          }
+          c.send_raw(batch);
+          // Answers may come in another order than their requests (JSON-RPC matches them by id;
+          // parse errors are answered before requests the service dispatches): match by id.
+          std::vector<char> seen(kBatch, 0);
+          int parse_errors = 0;
+          for (int i = 0; i < kBatch; ++i) {
+            const auto reply = c.read_line(std::chrono::seconds(30));
+            if (!reply) throw std::runtime_error("batch " + std::to_string(b) + ": " + std::to_string(i) + " answers of " +
+                                                 std::to_string(kBatch));
+            const json::value parsed = json::parse(*reply);
+            const json::value& id = parsed.as_object().at("id");
+            if (id.is_null() && error_code_of(*reply) == runtime::rpc::parse_error) {
+              ++parse_errors;
+              continue;
+            }
+            const int k = id.to_number<int>() - b * kBatch;
+            if (k < 0 || k >= kBatch || k % 5 == 0 || seen[static_cast<size_t>(k)] ||
+                error_code_of(*reply) != runtime::rpc::method_not_found) {
+              throw std::runtime_error("unexpected answer in batch " + std::to_string(b) + ": " + *reply);
+            }
+            seen[static_cast<size_t>(k)] = 1;
+          }
+          if (parse_errors != kBatch / 5) throw std::runtime_error(std::to_string(parse_errors) + " parse errors");
+        }
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(f)] = e.what();
+      }
+      ++floods_done;
+    });
+  }
+  int light_calls = 0;
+  try {
+    DaemonClient light(daemon.socket_path());
+    while (floods_done.load() < kFloods) {
+      CHECK(light.call("daemon/stats").at("engine").is_object());
+      ++light_calls;
+    }
+  } catch (const std::exception& e) {
+    errors[kFloods] = e.what();
+  }
+  for (auto& t : floods) t.join();
+  for (const std::string& e : errors) CHECK(e == "");
+  MESSAGE("one-at-a-time client: " << light_calls << " calls answered during the floods");
+  CHECK(light_calls > 0);
+  CHECK(daemon.running());
+  CHECK(daemon.stop() == 0);
+}
+
 TEST_CASE("daemon cancels a generation during its prefill and refuses a second one on a busy session") {
   DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
   TempDir config_dir;

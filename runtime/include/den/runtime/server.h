@@ -19,6 +19,13 @@
 
 namespace den::runtime {
 
+// How many threads the daemon runs its io_context on: a third of the cores, rounded up, 2 to 6.
+// They parse and answer; generation and storage work runs on pools of its own. More threads
+// than that slowed everyone on a 16-core host flooded by bad clients (8 threads: a good client's
+// p99 1.25-1.48x its quiet value, 5-6 threads: 1.04-1.25x), as threads and clients fought for
+// cores; each connection's backlog is bounded by the burst slots (half of these threads).
+unsigned io_thread_count();
+
 class Server {
  public:
   // Prepares the socket: creates its directory (0700) when missing, refuses a path where a
