@@ -23,6 +23,8 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <sstream>
+#include <string>
 #include <thread>
 
 #include "daemon_process.h"
@@ -39,6 +41,30 @@ using runtime::DaemonClient;
 using runtime::RpcCallError;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
+
+// What a hang leaves for its diagnosis, printed before the watchdog kills the daemon (the
+// temporary directory with its log goes with the test): the agents as the daemon reports them,
+// if it still answers within 5 s, and the last 60 lines of its log.
+void report_hang(const DaemonProcess& daemon) {
+  try {
+    DaemonClient client(daemon.socket_path());
+    client.send_raw("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"agents/list\"}\n");
+    const auto reply = client.read_line(std::chrono::seconds(5));
+    std::printf("soak: hang: agents/list: %s\n", reply ? reply->c_str() : "(no answer within 5 s)");
+  } catch (const std::exception& e) {
+    std::printf("soak: hang: agents/list failed: %s\n", e.what());
+  }
+  const std::string log = daemon.log();
+  size_t from = log.size();
+  for (int lines = 0; from > 0 && lines <= 60; ++lines) {
+    const size_t newline = log.rfind('\n', from - 1);
+    from = newline == std::string::npos ? 0 : newline;
+  }
+  std::istringstream tail(log.substr(from));
+  for (std::string line; std::getline(tail, line);) {
+    if (!line.empty()) std::printf("soak: hang: log: %s\n", line.c_str());
+  }
+}
 
 int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);
@@ -536,6 +562,7 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
   const int64_t seconds = env_int("DEN_SOAK_SECONDS", 600);
   const uint64_t seed = static_cast<uint64_t>(env_int("DEN_SOAK_SEED", 1));
   const int64_t failpoint_percent = env_int("DEN_SOAK_FAILPOINT_PERCENT", 50);
+  const int64_t hang_seconds = env_int("DEN_SOAK_HANG_SECONDS", 120);  // the watchdog's patience
   const bool have_tools = std::system("python3 -c pass >/dev/null 2>&1") == 0;
 
   TempDir dir;
@@ -555,8 +582,9 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
   std::mt19937_64 rng(seed * 7919 + 1);
   const auto& points = memory::known_failpoints();
   const auto start = Clock::now();
-  // A daemon that stops answering would block the harness forever: after 120 s without a new
-  // epoch the watchdog says so and kills it, so that the waiting call fails and the test ends.
+  // A daemon that stops answering would block the harness forever: after 120 s (by default)
+  // without a new epoch the watchdog says so, reports what it can and kills the daemon, so that
+  // the waiting call fails and the test ends.
   std::atomic<int64_t> epoch_started_ms{0};
   std::atomic<bool> finished{false};
   const auto now_ms = [] {
@@ -566,8 +594,10 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
   std::thread watchdog([&] {
     while (!finished) {
       std::this_thread::sleep_for(milliseconds(200));
-      if (now_ms() - epoch_started_ms.load() < 120000) continue;
-      std::printf("soak: HANG: the daemon (pid %d) answered nothing for 120 s; killing it\n", static_cast<int>(daemon.pid()));
+      if (now_ms() - epoch_started_ms.load() < hang_seconds * 1000) continue;
+      std::printf("soak: HANG: the daemon (pid %d) answered nothing for %lld s; killing it\n", static_cast<int>(daemon.pid()),
+                  static_cast<long long>(hang_seconds));
+      report_hang(daemon);
       std::fflush(stdout);
       if (daemon.pid() > 0) ::kill(daemon.pid(), SIGKILL);
       epoch_started_ms = now_ms();
