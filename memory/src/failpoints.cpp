@@ -47,6 +47,7 @@ const std::vector<FailpointInfo>& known_failpoints() {
       {"cleanup.remove_segment", "removing a segment no session needs any more (its row already gone)"},
       {"agents.start_run", "an agent run being set up: its journal read, its handler and arguments pushed"},
       {"agents.serialize_state", "an agent handler's ctx.state being converted for its commit", false},
+      {"agents.after_compact", "an agent's history compacted and saved, the effect that needed the room not yet journaled", false},
       {"agents.before_ack", "a message stored for an agent, before agents/send answers"},
       {"sessions.before_ack", "a session change stored, before the client's answer is sent"},
   };

@@ -429,13 +429,27 @@ struct AgentRuntime::Impl {
       const JournalEntry* e = replayed(a, seq, "append");
       if (e && e->result_json) return 0;
       const memory::SessionId id = a.record.session;
+      // Room is made (compaction, itself durable) before the intent is journaled, so that the
+      // intent's length is one the history has: a crash between the two replays the append on
+      // the compacted history. (Journaled first, a replay asked to keep more tokens than the
+      // compacted history held, and the run failed.) `first` keeps the tokenization the same.
+      std::vector<int32_t> tokens;
       if (e) {
-        impl.sessions.truncate(id, static_cast<int32_t>(json::parse(e->intent_json).at("length").to_number<int64_t>()));
+        const json::object intent = json::parse(e->intent_json).as_object();
+        const int32_t length = static_cast<int32_t>(intent.at("length").to_number<int64_t>());
+        impl.sessions.truncate(id, length);
+        const json::value* first = intent.if_contains("first");
+        tokens = impl.chat.tokens(messages, first != nullptr ? first->as_bool() : length == 0, false);
+      } else {
+        const int32_t current = impl.sessions.info(id).tokens;
+        tokens = impl.chat.tokens(messages, current == 0, false);
+        if (current + static_cast<int64_t>(tokens.size()) > impl.config.max_context) {
+          impl.compact(a, static_cast<int32_t>(tokens.size()));
+        }
+        impl.store.journal_intent(a.run->record.id, seq, "append",
+                                  json::serialize(json::object{{"length", impl.sessions.info(id).tokens},
+                                                               {"first", current == 0}}));
       }
-      const int32_t before = impl.sessions.info(id).tokens;
-      if (!e) impl.store.journal_intent(a.run->record.id, seq, "append", json::serialize(json::object{{"length", before}}));
-      const std::vector<int32_t> tokens = impl.chat.tokens(messages, before == 0, false);
-      if (before + static_cast<int64_t>(tokens.size()) > impl.config.max_context) impl.compact(a, static_cast<int32_t>(tokens.size()));
       impl.sessions.append(id, tokens);
       impl.sessions.save_history(id);
       impl.store.journal_result(a.run->record.id, seq, json::serialize(json::object{{"length", impl.sessions.info(id).tokens}}));
@@ -552,7 +566,15 @@ struct AgentRuntime::Impl {
           store.journal_result(run_id, seq, json::serialize(recorded));
           store.add_tokens_used(agent_id, used);
         } catch (const std::exception& e) {
+          // The handler hears of it (nil, error) rather than waiting forever for a result; the
+          // journal holds no result, so a restart runs the generation again.
           log_error("generation result not recorded", {{"error", e.what()}});
+          const std::string error = std::string("generation result not recorded: ") + e.what();
+          resume_run(agent_id, run_id, [error](lua_State* co) {
+            lua_pushnil(co);
+            lua_pushstring(co, error.c_str());
+            return 2;
+          });
           return;
         }
         asio::post(io, [this, agent_id, recorded] {
@@ -599,6 +621,7 @@ struct AgentRuntime::Impl {
     sessions.truncate(id, static_cast<int32_t>(keep_front));
     sessions.append(id, tail);
     sessions.save_history(id);
+    memory::failpoint("agents.after_compact");
     agent_log(a, "info", "context nearly full: kept the first turn (" + std::to_string(keep_front) +
                              " tokens) and the last " + std::to_string(tail.size()) + " of " +
                              std::to_string(tokens.size()) + " tokens");
@@ -1054,12 +1077,18 @@ struct AgentRuntime::Impl {
     for (int64_t id : ids) pump_agent(id);
   }
 
-  // Wakes the agent thread when the next timer falls due (and a second early to prefetch).
+  // Wakes the agent thread when the next timer falls due (the prefetch a second earlier is
+  // armed where the timer is set: prefetch_at).
+  static constexpr double kDueTimerRecheckSeconds = 0.05;
   void arm_timers() {
     if (shutting_down) return;
     const std::optional<double> next = store.next_timer_due();
     if (!next) return;
-    const double wait = std::max(0.0, *next - unix_now());
+    // A timer already due waits for its agent's current run, whose end pumps the agent again:
+    // look again shortly instead of at once (a zero wait re-fired at once, a busy loop on the
+    // agent thread and the store for as long as the run went on).
+    double wait = *next - unix_now();
+    if (wait <= 0.0) wait = kDueTimerRecheckSeconds;
     timer_wakeup.expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(wait)));
     timer_wakeup.async_wait([this](boost::system::error_code ec) {
       if (ec) return;

@@ -687,5 +687,62 @@ return {
   }
 }
 
+// A handler appends a long message to a nearly full conversation: the append compacts the
+// history (durably) and the daemon dies right after, before the append's intent is journaled.
+// After the restart the run replays the append on the compacted history and the message is
+// handled. (The intent used to be journaled first, with the uncompacted length; the replay then
+// asked to keep more tokens than the history held and the message failed.)
+TEST_CASE("agents replay an append cut off right after the history was compacted for it") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  const char* script = R"lua(
+return {
+  on_start = function(ctx) ctx.state.seen = {} end,
+  on_message = function(ctx, msg)
+    ctx.session:append("user", msg.text)
+    ctx.state.seen[msg.text] = (ctx.state.seen[msg.text] or 0) + 1
+  end,
+}
+)lua";
+  ::setenv("DEN_FAILPOINTS", "agents.after_compact=crash@1", 1);
+  DaemonProcess daemon(agent_daemon_args({"--ctx", "256"}));
+  ::unsetenv("DEN_FAILPOINTS");
+  // About 170 tokens each (stories260K's tokenizer): the first fits in the 256-token context
+  // (and stays under the idle policy's three quarters), the second needs the room.
+  std::string filler;
+  for (int i = 0; i < 5; ++i) filler += " a little dog ran to the park and played with a red ball all day long";
+  std::vector<std::string> acked;
+  try {
+    DaemonClient client(daemon.socket_path());
+    spawn(client, "keeper", script);
+    for (int i = 0; i < 2; ++i) {
+      const std::string text = "message " + std::to_string(i) + filler;
+      client.call("agents/send", {{"agent", "keeper"}, {"text", text}});
+      acked.push_back(text);
+    }
+  } catch (const std::exception&) {
+    // The failpoint fired: what was acknowledged is checked below.
+  }
+  CHECK(daemon.wait_exit(std::chrono::seconds(30)) != 0);  // the compaction's failpoint crashed it
+  REQUIRE(acked.size() == 2);
+  daemon.restart();
+  DaemonClient client(daemon.socket_path());
+  const json::value done = wait_for_agent(
+      client, "keeper",
+      [&](const json::value& a) {
+        return a.at("run").is_null() && a.at("queued_messages").to_number<int64_t>() == 0;
+      },
+      std::chrono::seconds(60));
+  INFO("agent: " << json::serialize(done));
+  REQUIRE(done.at("run").is_null());
+  for (const json::value& run : done.at("runs").as_array()) CHECK(run.at("status") == "completed");
+  const json::object& seen = done.at("state").at("seen").as_object();
+  for (const std::string& text : acked) {
+    CAPTURE(text);
+    const json::value* count = seen.if_contains(text);
+    REQUIRE(count != nullptr);
+    CHECK(count->to_number<int64_t>() == 1);
+  }
+}
+
 }  // namespace
 }  // namespace den::test
