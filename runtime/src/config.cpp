@@ -30,8 +30,9 @@ constexpr std::array<std::string_view, 14> kTopKeys = {
     "log_level", "kv", "limits", "scheduler", "metrics", "tools"};
 constexpr std::array<std::string_view, 7> kKvKeys = {
     "block_tokens", "hbm", "dram", "ssd", "policy", "cost_model", "layerwise_wake"};
-constexpr std::array<std::string_view, 7> kLimitsKeys = {
-    "line_bytes", "json_depth", "connections", "sessions", "request_seconds", "client_buffer_bytes", "tool_seconds"};
+constexpr std::array<std::string_view, 8> kLimitsKeys = {
+    "line_bytes", "json_depth", "connections", "sessions", "request_seconds", "client_buffer_bytes", "tool_seconds",
+    "errors_per_second"};
 constexpr std::array<std::string_view, 4> kSchedulerKeys = {"max_batch", "step_tokens", "prefill_chunk", "lease_ahead"};
 constexpr std::array<std::string_view, 1> kMetricsKeys = {"listen"};
 constexpr std::array<std::string_view, 3> kToolKeys = {"name", "command", "env"};
@@ -324,6 +325,8 @@ void read_limits(const Reader& reader, const Entry& section, LimitsConfig& limit
       limits.client_buffer_bytes = reader.read_size(entry, false, 64 * kKiB);
     } else if (entry.name == "tool_seconds") {
       limits.tool_seconds = reader.read_positive_seconds(entry);
+    } else if (entry.name == "errors_per_second") {
+      limits.errors_per_second = reader.read_integer(entry, 0, int64_t{1} << 40);
     }
   }
 }

@@ -77,7 +77,7 @@ struct Server::State : std::enable_shared_from_this<Server::State> {
   ConnectionId next_id = 1;
 
   std::atomic<int64_t> open{0}, accepted{0}, refused_uid{0}, refused_limit{0}, dropped_slow{0}, dropped_unread{0},
-      oversized_lines{0}, malformed{0};
+      oversized_lines{0}, malformed{0}, throttled{0};
 
   // Turns of connections with a backlog of lines (a pipelined burst, or a flood) run on at most
   // burst_slots io threads at once; the others wait here in order, and each finished turn hands
@@ -106,6 +106,10 @@ struct Connection : std::enable_shared_from_this<Connection> {
   ConnectionId id;
   local_socket::socket socket;  // on the connection's strand: every handler below runs there
   asio::steady_timer line_deadline;
+  asio::steady_timer read_resume;  // a connection over limits.errors_per_second reads again at this
+  std::chrono::steady_clock::time_point error_window{};  // the second its errors are counted in
+  int64_t errors_in_window = 0;
+  bool throttled = false;
   LimitsConfig limits;  // this connection's copy (set_limits posts new ones)
   rpc::LineFramer framer;
   std::array<char, kReadChunk> buffer{};
@@ -121,15 +125,31 @@ struct Connection : std::enable_shared_from_this<Connection> {
         id(i),
         socket(std::move(sock)),
         line_deadline(socket.get_executor()),
+        read_resume(socket.get_executor()),
         limits(l),
         framer(static_cast<size_t>(l.line_bytes)) {}
 
   void start() { read(); }
 
   void read() {
-    if (closed || reading || handling || close_when_written) return;
+    if (closed || reading || handling || close_when_written || throttled) return;
     // Backpressure: a client that does not read its answers stops being read.
     if (queued_bytes > static_cast<size_t>(limits.client_buffer_bytes) / 2) return;
+    // A client that caused limits.errors_per_second error answers this second is read again
+    // when the second is over: its lines wait in its own socket buffer, not on our threads.
+    if (limits.errors_per_second > 0 && errors_in_window >= limits.errors_per_second) {
+      const auto until = error_window + std::chrono::seconds(1);
+      if (std::chrono::steady_clock::now() < until) {
+        throttled = true;
+        ++server->throttled;
+        read_resume.expires_at(until);
+        read_resume.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+          self->throttled = false;
+          if (!ec) self->read();
+        });
+        return;
+      }
+    }
     reading = true;
     socket.async_read_some(asio::buffer(buffer), [self = shared_from_this()](boost::system::error_code ec, size_t n) {
       self->reading = false;
@@ -181,6 +201,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
       lines.pop_front();
       if (line.oversized) {
         ++server->oversized_lines;
+        count_error();
         send(rpc::error_response(nullptr, rpc::limit_exceeded,
                                  "request line of " + std::to_string(line.bytes) + " bytes is longer than limits.line_bytes (" +
                                      std::to_string(limits.line_bytes) + ")",
@@ -228,6 +249,16 @@ struct Connection : std::enable_shared_from_this<Connection> {
   }
 
   void handle(const std::string& line);
+
+  // An error answer this connection caused (counted against limits.errors_per_second).
+  void count_error() {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - error_window >= std::chrono::seconds(1)) {
+      error_window = now;
+      errors_in_window = 0;
+    }
+    ++errors_in_window;
+  }
 
   void send(std::string message) {
     if (closed) return;
@@ -277,6 +308,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
     closed = true;
     boost::system::error_code ignored;
     line_deadline.cancel();
+    read_resume.cancel();
     socket.shutdown(local_socket::socket::shutdown_both, ignored);
     socket.close(ignored);
     outbox.clear();
@@ -305,12 +337,15 @@ class ConnectionReplier final : public Replier {
       : strand_(std::move(strand)), connection_(std::move(connection)), id_(std::move(id)) {}
   void notify(std::string_view method, json::object params) override { post(rpc::notification(method, params)); }
   void result(json::value result) override { post(rpc::response(id_, result)); }
-  void error(const rpc::Error& error) override { post(rpc::error_response(id_, error)); }
+  void error(const rpc::Error& error) override { post(rpc::error_response(id_, error), true); }
 
  private:
-  void post(std::string line) {
-    asio::post(strand_, [weak = connection_, line = std::move(line)]() mutable {
-      if (auto c = weak.lock()) c->send(std::move(line));
+  void post(std::string line, bool is_error = false) {
+    asio::post(strand_, [weak = connection_, line = std::move(line), is_error]() mutable {
+      if (auto c = weak.lock()) {
+        if (is_error) c->count_error();
+        c->send(std::move(line));
+      }
     });
   }
   asio::any_io_executor strand_;
@@ -326,6 +361,7 @@ void Connection::handle(const std::string& line) {
                                  &request_id);
   } catch (const rpc::Error& e) {
     ++server->malformed;
+    count_error();
     send(rpc::error_response(request_id, e));
     return;
   }
@@ -487,7 +523,8 @@ json::object Server::stats() const {
           {"dropped_slow", s.dropped_slow.load()},
           {"dropped_not_reading", s.dropped_unread.load()},
           {"oversized_lines", s.oversized_lines.load()},
-          {"malformed_requests", s.malformed.load()}};
+          {"malformed_requests", s.malformed.load()},
+          {"throttled", s.throttled.load()}};
 }
 
 }  // namespace den::runtime

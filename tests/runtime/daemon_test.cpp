@@ -373,6 +373,41 @@ TEST_CASE("daemon answers every pipelined line of four floods while a one-at-a-t
   CHECK(daemon.stop() == 0);
 }
 
+TEST_CASE("daemon reads a connection that causes errors past limits.errors_per_second once a second, answering all") {
+  using Clock = std::chrono::steady_clock;
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  TempDir config_dir;
+  write_file(config_dir.file("den.yaml"), "limits:\n  errors_per_second: 200\n");
+  DaemonProcess daemon(stories_daemon_args({"--config", config_dir.file("den.yaml")}));
+  DaemonClient flood(daemon.socket_path()), light(daemon.socket_path());
+  const auto start = Clock::now();
+  constexpr int kBatches = 3, kBatch = 300;
+  double slowest_light_ms = 0;
+  for (int b = 0; b < kBatches; ++b) {
+    std::string batch;
+    for (int i = 0; i < kBatch; ++i) batch += "not json\n";
+    flood.send_raw(batch);
+    for (int i = 0; i < kBatch; ++i) {
+      const auto reply = flood.read_line(std::chrono::seconds(10));
+      REQUIRE(reply.has_value());
+      CHECK(error_code_of(*reply) == runtime::rpc::parse_error);
+    }
+    // The flood's connection now waits out its second; another client does not.
+    const auto t0 = Clock::now();
+    CHECK(light.call("daemon/stats").at("engine").is_object());
+    slowest_light_ms = std::max(slowest_light_ms, std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const json::value stats = light.call("daemon/stats");
+  MESSAGE((kBatches * kBatch) << " malformed lines answered in " << seconds << " s; the other client's slowest call "
+                            << slowest_light_ms << " ms; throttled " << stats.at("connections").at("throttled"));
+  CHECK(seconds >= 1.5);  // 300 errors a batch against 200 a second: the second and third batch wait
+  CHECK(stats.at("connections").at("throttled").to_number<int64_t>() >= 2);
+  CHECK(stats.at("connections").at("malformed_requests").to_number<int64_t>() == kBatches * kBatch);
+  CHECK(slowest_light_ms < 500);
+  CHECK(daemon.stop() == 0);
+}
+
 TEST_CASE("daemon cancels a generation during its prefill and refuses a second one on a busy session") {
   DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
   TempDir config_dir;

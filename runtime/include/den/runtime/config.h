@@ -51,6 +51,11 @@ struct LimitsConfig {
   int32_t sessions = 10000;           // sessions in the store
   double request_seconds = 30;        // a started line must be complete within this
   int64_t client_buffer_bytes = 16 << 20;  // unread output a client may leave before it is dropped
+  // Error answers (malformed or oversized lines, unknown methods, bad params...) one connection
+  // may cause in a second; past it, the connection is not read again until that second is over
+  // (0: no limit). A well-behaved client never comes near it; a flood of garbage is slowed
+  // down to it, so that it cannot take the machine from the clients that behave.
+  int64_t errors_per_second = 10000;
   double tool_seconds = 30;           // an agent's tool call fails with a timeout after this
 };
 
