@@ -95,6 +95,7 @@ struct AgentRuntime::Impl {
     std::deque<RunRecord> interrupted;  // to re-run, oldest first
     bool context_full_handled = false;  // on_context_full ran for the current fullness
     int32_t context_checked_length = -1;  // the history length the default policy left
+    double pump_retry_seconds = 0;  // after a run could not be begun: the wait before the next try
   };
 
   AgentRuntimeConfig config;
@@ -1039,12 +1040,12 @@ struct AgentRuntime::Impl {
       }
       for (const TimerRecord& t : store.due_timers(unix_now())) {
         if (t.agent != id) continue;
-        const int64_t run = store.begin_run(id, "timer", 0, t.id);
+        const int64_t run = begin_run(a, "timer", 0, t.id);
         start_run(a, *store.run(run));
         return;
       }
       if (std::optional<MessageRecord> m = store.next_queued_message(id)) {
-        const int64_t run = store.begin_run(id, "message", m->id, 0);
+        const int64_t run = begin_run(a, "message", m->id, 0);
         start_run(a, *store.run(run));
         return;
       }
@@ -1056,7 +1057,7 @@ struct AgentRuntime::Impl {
         if (!a.context_full_handled && a.sandbox->push_handler("on_context_full")) {
           lua_pop(a.sandbox->state(), 1);
           a.context_full_handled = true;
-          const int64_t run = store.begin_run(id, "context_full", 0, 0);
+          const int64_t run = begin_run(a, "context_full", 0, 0);
           start_run(a, *store.run(run));
         } else {
           a.context_full_handled = false;
@@ -1067,8 +1068,28 @@ struct AgentRuntime::Impl {
         a.context_full_handled = false;
       }
     } catch (const std::exception& e) {
-      log_error("agent could not start a run", {{"agent", a.record.name}, {"error", e.what()}});
+      // Nothing else may wake this agent (its messages are already queued): try again, waiting
+      // 1 s, then twice as long each time up to 30 s, so a store that keeps failing is not
+      // hammered.
+      a.pump_retry_seconds = std::clamp(a.pump_retry_seconds * 2, 1.0, 30.0);
+      log_error("agent could not start a run", {{"agent", a.record.name},
+                                               {"error", e.what()},
+                                               {"retry_in_s", std::to_string(a.pump_retry_seconds)}});
+      auto timer = std::make_shared<asio::steady_timer>(
+          io, std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                  std::chrono::duration<double>(a.pump_retry_seconds)));
+      timer->async_wait([this, timer, id](boost::system::error_code ec) {
+        if (!ec) pump_agent(id);
+      });
     }
+  }
+
+  // The store's row of a run about to start (a failpoint first, for tests of a store that fails).
+  int64_t begin_run(Agent& a, const std::string& trigger, int64_t message, int64_t timer) {
+    memory::failpoint("agents.begin_run");
+    const int64_t run = store.begin_run(a.record.id, trigger, message, timer);
+    a.pump_retry_seconds = 0;
+    return run;
   }
 
   void pump_all() {

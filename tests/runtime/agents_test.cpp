@@ -158,6 +158,30 @@ TEST_CASE("a run that cannot be set up fails, and the agent goes on with its nex
   CHECK(replies_of(send_and_wait(client, "echo", "c")) == std::vector<std::string>{"echo c #2"});
 }
 
+TEST_CASE("an agent whose next run cannot be begun tries again, and handles the message") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  // The store fails to begin the run of the agent's first message (an injected I/O error). The
+  // message is queued and nothing else would wake the agent: before the retry it waited for the
+  // next message or timer, and a sender waiting for this one waited forever.
+  ::setenv("DEN_FAILPOINTS", "agents.begin_run=error@1", 1);
+  DaemonProcess daemon(agent_daemon_args());
+  ::unsetenv("DEN_FAILPOINTS");
+  DaemonClient client(daemon.socket_path());
+  spawn(client, "echo", kEchoAgent);
+  auto first = std::async(std::launch::async, [&] {
+    DaemonClient waiting(daemon.socket_path());
+    return send_and_wait(waiting, "echo", "a");
+  });
+  if (first.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+    daemon.kill(SIGKILL);
+    first.wait();
+    FAIL("the message whose run could not be begun was never answered");
+  }
+  CHECK(replies_of(first.get()) == std::vector<std::string>{"echo a #1"});
+  CHECK(daemon.log().find("agent could not start a run") != std::string::npos);
+  CHECK(replies_of(send_and_wait(client, "echo", "b")) == std::vector<std::string>{"echo b #2"});
+}
+
 // The handler generates, then sleeps (durably); the daemon is killed during the sleep. After the
 // restart the run is interrupted, runs again, gets its generation from the journal (the model is
 // not asked again, the KV was checkpointed: 0 tokens recomputed), and replies exactly once.
