@@ -38,6 +38,22 @@ json::value send_and_wait(DaemonClient& client, const std::string& agent, const 
   return client.call("agents/send", {{"agent", agent}, {"text", text}, {"wait", true}});
 }
 
+// send_and_wait on a thread of its own, bounded: a wedged agent would never answer, and the test
+// must fail then, not hang (killing the daemon ends the wait).
+json::value send_and_wait_bounded(DaemonProcess& daemon, const std::string& agent, const std::string& text,
+                                  std::chrono::seconds timeout = std::chrono::seconds(30)) {
+  auto answer = std::async(std::launch::async, [&] {
+    DaemonClient waiting(daemon.socket_path());
+    return send_and_wait(waiting, agent, text);
+  });
+  if (answer.wait_for(timeout) != std::future_status::ready) {
+    daemon.kill(SIGKILL);
+    answer.wait();
+    FAIL("message '" << text << "' to " << agent << " was never answered");
+  }
+  return answer.get();
+}
+
 std::vector<std::string> replies_of(const json::value& sent) {
   std::vector<std::string> out;
   for (const json::value& r : sent.at("replies").as_array()) out.emplace_back(r.as_string());
@@ -136,18 +152,7 @@ TEST_CASE("a run that cannot be set up fails, and the agent goes on with its nex
   ::unsetenv("DEN_FAILPOINTS");
   DaemonClient client(daemon.socket_path());
   spawn(client, "echo", kEchoAgent);
-  // Waited for on a thread of its own: a wedged agent would never answer it, and the test must
-  // fail then, not hang (killing the daemon ends the wait).
-  auto first = std::async(std::launch::async, [&] {
-    DaemonClient waiting(daemon.socket_path());
-    return send_and_wait(waiting, "echo", "a");
-  });
-  if (first.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
-    daemon.kill(SIGKILL);
-    first.wait();
-    FAIL("the message whose run could not start was never answered");
-  }
-  const json::value answer = first.get();
+  const json::value answer = send_and_wait_bounded(daemon, "echo", "a");
   CHECK(answer.at("status").as_string() == "failed");
   CHECK(replies_of(answer).empty());
   CHECK(wait_for_log(client, "echo", "the run could not start"));
@@ -168,16 +173,7 @@ TEST_CASE("an agent whose next run cannot be begun tries again, and handles the 
   ::unsetenv("DEN_FAILPOINTS");
   DaemonClient client(daemon.socket_path());
   spawn(client, "echo", kEchoAgent);
-  auto first = std::async(std::launch::async, [&] {
-    DaemonClient waiting(daemon.socket_path());
-    return send_and_wait(waiting, "echo", "a");
-  });
-  if (first.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
-    daemon.kill(SIGKILL);
-    first.wait();
-    FAIL("the message whose run could not be begun was never answered");
-  }
-  CHECK(replies_of(first.get()) == std::vector<std::string>{"echo a #1"});
+  CHECK(replies_of(send_and_wait_bounded(daemon, "echo", "a")) == std::vector<std::string>{"echo a #1"});
   CHECK(daemon.log().find("agent could not start a run") != std::string::npos);
   CHECK(replies_of(send_and_wait(client, "echo", "b")) == std::vector<std::string>{"echo b #2"});
 }
