@@ -9,6 +9,10 @@
 // a sequence write partial (max, sum, accumulator) states and the last block to finish a
 // (sequence, KV head) merges them (a counter per pair, reset by that block). Block-table
 // entries are looked up a tile ahead of the copies that need them.
+// Each block sizes its split from its own sequence's length (split_range): a captured decode
+// graph fixes only the grid, so the splits of every step cover the context evenly, with no
+// empty blocks past its end.
+#include <algorithm>
 #include <cmath>
 
 #include "attention_common.cuh"
@@ -25,6 +29,21 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTile = 16;       // positions per warp tile
 constexpr int kMaxSplits = 128;
 
+// The positions [begin, end) of split `split` of a sequence of kv_length positions: the
+// sequence is cut into `used` splits of whole tiles, as many as the grid has (n_splits) but none
+// planned shorter than min_split_tokens, their tile counts differing by at most one. Splits at
+// or past `used` have no work.
+struct SplitRange {
+  int begin, end, used;
+};
+__device__ __forceinline__ SplitRange split_range(int kv_length, int split, int n_splits, int min_split_tokens) {
+  const int n_tiles = max(1, (kv_length + kTile - 1) / kTile);
+  const int used = max(1, min(n_splits, min(n_tiles, (kv_length + min_split_tokens - 1) / min_split_tokens)));
+  if (split >= used) return {0, 0, used};
+  const int first_tile = split * n_tiles / used, last_tile = (split + 1) * n_tiles / used;
+  return {first_tile * kTile, min(kv_length, last_tile * kTile), used};
+}
+
 template <int HD>
 struct DecodeSmem {
   static constexpr int kStride = HD + 8;  // padded rows: ldmatrix's eight rows on distinct banks
@@ -38,7 +57,7 @@ template <typename T, int HD, int G>
 __global__ void __launch_bounds__(kThreads)
     decode_attention_kernel(const T* __restrict__ q, T* __restrict__ out, PagedKvView kv, PagedBatch batch,
                             const DecodeEntry* __restrict__ decode, int32_t layer, int32_t n_heads,
-                            float scale_log2, int32_t split_tokens, int32_t n_splits, float* __restrict__ partial,
+                            float scale_log2, int32_t min_split_tokens, int32_t n_splits, float* __restrict__ partial,
                             int32_t* __restrict__ counters) {
   using Smem = DecodeSmem<HD>;
   constexpr int STRIDE = Smem::kStride;
@@ -55,8 +74,9 @@ __global__ void __launch_bounds__(kThreads)
   auto Vs = [&](int st) { return warp_stages + st * 2 * Smem::kTileElems + Smem::kTileElems; };
   const DecodeEntry entry = decode[d];  // the step's plan: no kernel writes it
   const int token = entry.token;
-  const int begin = split * split_tokens;
-  const int end = min(entry.kv_length, begin + split_tokens);
+  const SplitRange range = split_range(entry.kv_length, split, n_splits, min_split_tokens);
+  if (range.begin >= range.end) return;  // more splits than this sequence needs
+  const int begin = range.begin, end = range.end, used = range.used;
   const int32_t* table = batch.block_tables + entry.table_offset;
   const T* pool = static_cast<const T*>(kv.blocks);
   const int bt = kv.layout.block_tokens;
@@ -277,7 +297,7 @@ __global__ void __launch_bounds__(kThreads)
     run_sum[g] = ll;
   }
   __syncthreads();
-  const bool single = n_splits == 1;
+  const bool single = used == 1;
   // Partial states: accumulators [n_decode][n_heads][n_splits][HD], then (max, sum) pairs in
   // the same order, so the merge below reads accumulators as aligned float4.
   const int64_t head_row0 = (static_cast<int64_t>(d) * n_heads + kv_head * G) * n_splits;  // (g 0, split 0)
@@ -304,7 +324,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (threadIdx.x == 0) {
     int32_t* counter = counters + static_cast<int64_t>(d) * kv.layout.n_kv_heads + kv_head;
-    last = atomicAdd(counter, 1) == n_splits - 1;
+    last = atomicAdd(counter, 1) == used - 1;
     if (last) *counter = 0;  // ready for the next launch
   }
   __syncthreads();
@@ -314,7 +334,7 @@ __global__ void __launch_bounds__(kThreads)
   // them; L1 may hold nothing stale).
   __threadfence();
   __shared__ float split_max[kMaxSplits][G], split_scale[kMaxSplits][G], inv_total[G];
-  for (int i = threadIdx.x; i < n_splits * G; i += kThreads) {
+  for (int i = threadIdx.x; i < used * G; i += kThreads) {
     const int sp = i / G, g = i % G;
     const float2 state = __ldcg(split_states + head_row0 + static_cast<int64_t>(g) * n_splits + sp);
     split_max[sp][g] = state.x;
@@ -324,9 +344,9 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x < G) {
     const int g = threadIdx.x;
     float mm = -INFINITY;
-    for (int sp = 0; sp < n_splits; ++sp) mm = fmaxf(mm, split_max[sp][g]);
+    for (int sp = 0; sp < used; ++sp) mm = fmaxf(mm, split_max[sp][g]);
     float ll = 0.0f;
-    for (int sp = 0; sp < n_splits; ++sp) {
+    for (int sp = 0; sp < used; ++sp) {
       const float f = mm == -INFINITY || split_max[sp][g] == -INFINITY ? 0.0f : exp2f(split_max[sp][g] - mm);
       ll += split_scale[sp][g] * f;
       split_scale[sp][g] = f;
@@ -339,14 +359,23 @@ __global__ void __launch_bounds__(kThreads)
     const int g = e / QUADS, quad = e % QUADS;
     const float4* acc = reinterpret_cast<const float4*>(partial + (head_row0 + static_cast<int64_t>(g) * n_splits) * HD) + quad;
     float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-    for (int sp = 0; sp < n_splits; ++sp) {
-      const float4 v = __ldcg(acc + static_cast<int64_t>(sp) * QUADS);
-      const float f = split_scale[sp][g];
-      a.x = fmaf(f, v.x, a.x);
-      a.y = fmaf(f, v.y, a.y);
-      a.z = fmaf(f, v.z, a.z);
-      a.w = fmaf(f, v.w, a.w);
+    // Sixteen splits' loads in flight at a time: this merge is on the step's critical path.
+    constexpr int kBatch = 16;
+    for (int first = 0; first < used; first += kBatch) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        if (first + k < used) v[k] = __ldcg(acc + static_cast<int64_t>(first + k) * QUADS);
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        if (first + k >= used) break;
+        const float f = split_scale[first + k][g];
+        a.x = fmaf(f, v[k].x, a.x);
+        a.y = fmaf(f, v[k].y, a.y);
+        a.z = fmaf(f, v[k].z, a.z);
+        a.w = fmaf(f, v[k].w, a.w);
+      }
     }
     T* dst = out + (static_cast<int64_t>(token) * n_heads + kv_head * G + g) * HD + quad * 4;
     const float inv = inv_total[g];
@@ -359,11 +388,35 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
+int64_t decode_attention_resident_blocks(DType kv_dtype, int32_t head_dim, int32_t group) {
+  if (!attention_fast_path(kv_dtype, head_dim)) return 0;
+  int device = 0, sms = 0, per_sm = 0;
+  check(cudaGetDevice(&device));
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  dispatch_half_types(kv_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_head_dim(head_dim, [&](auto hd_tag) {
+      constexpr int HD = decltype(hd_tag)::value;
+      dispatch_count_1_to_8(group, "decode attention: query heads per KV head", [&](auto g_tag) {
+        constexpr int G = decltype(g_tag)::value;
+        auto kernel = decode_attention_kernel<T, HD, G>;
+        constexpr size_t smem = DecodeSmem<HD>::kElems * sizeof(T);
+        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+      });
+    });
+  });
+  return int64_t{std::max(per_sm, 1)} * sms;
+}
+
 void decode_attention_launch(const void* q, void* out, const PagedKvView& kv, const PagedBatch& batch,
                              const AttentionPlan& plan, int32_t layer, int32_t n_heads, float scale,
                              CudaStream stream) {
   if (plan.n_decode == 0) return;
-  if (plan.n_splits > kMaxSplits) throw std::invalid_argument("decode attention: at most 128 KV splits");
+  if (plan.n_splits < 1 || plan.n_splits > kMaxSplits) {
+    throw std::invalid_argument("decode attention: 1 to 128 KV splits");
+  }
+  if (plan.min_split_tokens < 1) throw std::invalid_argument("decode attention: min_split_tokens must be positive");
   const int32_t n_kv = kv.layout.n_kv_heads;
   const int32_t group = n_heads / n_kv;
   const float scale_log2 = scale * 1.4426950408889634f;
@@ -385,7 +438,7 @@ void decode_attention_launch(const void* q, void* out, const PagedKvView& kv, co
         static_assert(smem >= (kWarps * G * HD + 2 * kWarps * G) * sizeof(float), "merge space");
         check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
         launch_chained(kernel, grid, dim3(kThreads), smem, stream, static_cast<const T*>(q),
-                       static_cast<T*>(out), kv, batch, plan.decode, layer, n_heads, scale_log2, plan.split_tokens,
+                       static_cast<T*>(out), kv, batch, plan.decode, layer, n_heads, scale_log2, plan.min_split_tokens,
                        plan.n_splits, partial, counters);
       });
       check_launch();

@@ -1,8 +1,9 @@
-// Paged attention on the GPU against paged_attention_head_ref: decode sequences (with KV splits
-// up to 5000 positions, 4 of them and 40), prefill tiles, GQA groups of 3 and 4, blocks of 16
-// tokens (and 5, 12 and 32 for the decode lookups), f16/bf16 at head sizes 64 and 128 (the fast
-// paths) and f32 at 8 and 40 (the generic kernel). Both sides read the very same
-// KV bytes and the same rounded queries; unused pool slots hold NaN.
+// Paged attention on the GPU against paged_attention_head_ref: decode sequences up to 5000
+// positions with KV splits (4, 7, 64 and 128 at most, each sequence cut by its own length),
+// prefill tiles, GQA groups of 3 and 4, blocks of 16 tokens (and 5, 12 and 32 for the decode
+// lookups), f16/bf16 at head sizes 64 and 128 (the fast paths) and f32 at 8 and 40 (the generic
+// kernel). Both sides read the very same KV bytes and the same rounded queries; unused pool
+// slots hold NaN.
 #include <numeric>
 
 #include "den/kernels/attention.h"
@@ -22,7 +23,7 @@ uint16_t to_half_bits(float v, DType t) { return t == DType::bf16 ? kernels::f32
 float from_half_bits(uint16_t h, DType t) { return t == DType::bf16 ? kernels::bf16_to_f32(h) : kernels::fp16_to_f32(h); }
 
 void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, const std::vector<Seq>& seqs,
-                     std::mt19937& rng, int32_t bt = 16, int32_t splits = 4) {
+                     std::mt19937& rng, int32_t bt = 16, int32_t splits = 4, int32_t min_split = 64) {
   const kernels::KvLayout layout{2, n_kv, head_dim, bt, t};
   const int32_t layer = 1;
   // Block tables over a shuffled pool with spare blocks.
@@ -69,7 +70,6 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
   std::vector<int32_t> flat_tables, offsets, lengths, token_seq, token_pos;
   std::vector<kernels::DecodeEntry> decode;
   std::vector<kernels::AttentionTile> tiles;
-  int32_t max_decode = 0;
   for (size_t q = 0; q < seqs.size(); ++q) {
     offsets.push_back(static_cast<int32_t>(flat_tables.size()));
     flat_tables.insert(flat_tables.end(), tables[q].begin(), tables[q].end());
@@ -82,7 +82,6 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
     }
     if (n == 1) {
       decode.push_back({first, static_cast<int32_t>(q), seqs[q].length, offsets.back()});
-      max_decode = std::max(max_decode, seqs[q].length);
     } else {
       for (int32_t r = 0; r < n; r += kernels::kAttentionTileRows) {
         tiles.push_back({static_cast<int32_t>(q), first + r, std::min(kernels::kAttentionTileRows, n - r),
@@ -128,8 +127,8 @@ void check_attention(DType t, int32_t head_dim, int32_t n_heads, int32_t n_kv, c
   kernels::AttentionPlan plan;
   plan.decode = d_decode.as<kernels::DecodeEntry>();
   plan.n_decode = static_cast<int32_t>(decode.size());
-  plan.split_tokens = std::max(64, ((max_decode + splits - 1) / splits + 63) / 64 * 64);
-  plan.n_splits = std::max(1, (max_decode + plan.split_tokens - 1) / plan.split_tokens);
+  plan.n_splits = splits;
+  plan.min_split_tokens = min_split;
   kernels::DeviceBuffer workspace(kernels::attention_workspace_bytes(plan.n_decode, n_heads, plan.n_splits, head_dim));
   kernels::check(cudaMemset(workspace.get(), 0, workspace.bytes()));
   plan.partial = workspace.as<float>();
@@ -170,8 +169,12 @@ TEST_CASE("paged attention fast paths match the reference (decode with splits, p
   // Blocks that do not hold whole 16-position decode tiles (rows looked up one by one), and
   // blocks of two tiles.
   for (int32_t bt : {12, 5, 32}) check_attention(DType::bf16, 128, 8, 2, mixed, rng, bt);
-  // As many splits as the step plan makes at long contexts (the last block merges all of them).
+  // As many splits as the step plan makes at long contexts (the last block merges all of them),
+  // and splits of one or two tiles: 7 over 37 positions (3 tiles) leaves 3 in use, and over
+  // 1002 positions (63 tiles) 7 of 9 or 10 tiles each.
   check_attention(DType::bf16, 128, 8, 2, mixed, rng, 16, 64);
+  check_attention(DType::bf16, 64, 8, 2, mixed, rng, 16, 7, 16);
+  check_attention(DType::f16, 128, 8, 2, mixed, rng, 32, 128, 1);
 }
 
 TEST_CASE("paged attention generic kernel (f32 KV, small heads) matches the reference") {

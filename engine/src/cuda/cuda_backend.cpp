@@ -43,7 +43,7 @@ bool ensure(DeviceBuffer& buffer, size_t bytes) {
 
 // What a captured decode step depends on besides the contents of the plan's device arrays:
 // counts and flags, the KV pool, and where the plan's arrays sit.
-using GraphKey = std::tuple<int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, const void*, int64_t, int32_t,
+using GraphKey = std::tuple<int32_t, int32_t, int32_t, int32_t, int32_t, const void*, int64_t, int32_t,
                             const void*, cuda::StepPlan::Offsets, bool, bool>;
 
 class CudaBackend final : public Backend {
@@ -52,9 +52,10 @@ class CudaBackend final : public Backend {
     kernels::check(cudaSetDevice(device));
     cudaDeviceProp prop{};
     kernels::check(cudaGetDeviceProperties(&prop, device));
-    sm_count_ = prop.multiProcessorCount;
     device_name_ = prop.name;
     type_ = cuda::compute_type_of(model);
+    const ModelConfig& shape = model.config();
+    attention_blocks_ = kernels::decode_attention_resident_blocks(type_, shape.head_dim, shape.n_heads / shape.n_kv_heads);
     const auto threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     weights_ = cuda::upload_weights(model, type_, stream_.get(), threads);
     cublas_ = std::make_unique<cuda::CublasHandle>(stream_.get(), size_t{32} << 20);
@@ -116,7 +117,7 @@ class CudaBackend final : public Backend {
     kernels::check(cudaSetDevice(device_));
     const ModelConfig& c = model_.config();
     const bool fast = kernels::attention_fast_path(kv.layout.dtype, c.head_dim);
-    plan_.build(batch, c.n_heads, fast, sm_count_, c.n_kv_heads);
+    plan_.build(batch, c.n_heads, fast, attention_blocks_, c.n_kv_heads);
     const int64_t n = plan_.n_tokens();
     if (reserve(n, plan_.n_logit_rows())) graphs_.clear();
     plan_.upload(stream_.get());
@@ -129,7 +130,6 @@ class CudaBackend final : public Backend {
                          plan_.n_host_rows(),
                          plan_.n_samples(),
                          plan_.n_splits(),
-                         plan_.split_tokens(),
                          kv.blocks,
                          kv.n_blocks,
                          kv.layout.block_tokens,
@@ -297,7 +297,7 @@ class CudaBackend final : public Backend {
 
   const Model& model_;
   int device_;
-  int sm_count_ = 0;
+  int64_t attention_blocks_ = 0;  // decode-attention blocks resident at once
   std::string device_name_;
   DType type_;
   kernels::Stream stream_;

@@ -67,11 +67,12 @@ CudaFloors measure_cuda_floors(int device) {
 double time_decode_attention(const kernels::PagedKvView& kv, int32_t n_heads, std::span<const SequenceInput> batch,
                              int device) {
   kernels::check(cudaSetDevice(device));
-  const CudaDeviceInfo info = cuda_device_info(device);
   kernels::Stream stream;
   cuda::StepPlan plan;
   const bool fast = kernels::attention_fast_path(kv.layout.dtype, kv.layout.head_dim);
-  plan.build(batch, n_heads, fast, info.sm_count, kv.layout.n_kv_heads);
+  plan.build(batch, n_heads, fast,
+             kernels::decode_attention_resident_blocks(kv.layout.dtype, kv.layout.head_dim, n_heads / kv.layout.n_kv_heads),
+             kv.layout.n_kv_heads);
   plan.upload(stream.get());
   const int64_t q_elements = int64_t{plan.n_tokens()} * n_heads * kv.layout.head_dim;
   kernels::DeviceBuffer q(static_cast<size_t>(q_elements * kernels::dtype_bytes(kv.layout.dtype)));

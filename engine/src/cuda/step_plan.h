@@ -21,8 +21,9 @@ namespace den::engine::cuda {
 class StepPlan {
  public:
   // Fills the arrays from the batch (already validated). fast_attention: whether the KV dtype
-  // and head size have the decode/prefill kernels (else the generic one reads the batch only).
-  void build(std::span<const SequenceInput> batch, int32_t n_heads, bool fast_attention, int32_t sm_count,
+  // and head size have the decode/prefill kernels (else the generic one reads the batch only);
+  // resident_blocks: kernels::decode_attention_resident_blocks() for the model.
+  void build(std::span<const SequenceInput> batch, int32_t n_heads, bool fast_attention, int64_t resident_blocks,
              int32_t n_kv_heads);
   // Copies everything to the device (after the previous step's kernels stopped reading it).
   void upload(cudaStream_t stream);
@@ -40,7 +41,6 @@ class StepPlan {
     return std::find(want_logprob_.begin(), want_logprob_.end(), 1) != want_logprob_.end();
   }
   int32_t n_splits() const { return n_splits_; }
-  int32_t split_tokens() const { return split_tokens_; }
   const void* device_buffer() const { return device_.get(); }
 
   // Where each array sits in the device buffer. A captured graph bakes these addresses in, so
@@ -79,7 +79,8 @@ class StepPlan {
   std::vector<int32_t> sample_of_seq_;
   std::vector<uint8_t> want_logprob_;
   int32_t n_host_rows_ = 0;
-  int32_t n_splits_ = 1, split_tokens_ = 1 << 30;
+  static constexpr int32_t kMinSplitTokens = 128, kMaxDecodeSplits = 64;
+  int32_t n_splits_ = 1;
 
   std::vector<uint8_t> bytes_;
   Offsets at_{};

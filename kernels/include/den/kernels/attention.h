@@ -25,8 +25,8 @@ void paged_attention_head_ref(const PagedKvView& kv, const PagedSequence& seq, i
 // ---- GPU ----
 // Two fast paths for f16/bf16 KV with head_dim 64 or 128 (attention_fast_path()):
 //  decode: one query token per sequence; a block per (KV head, KV split, sequence) reads each
-//          K/V row once for the whole query group (GQA), splits long contexts over many blocks
-//          and merges the splits' partial softmax states in a second kernel;
+//          K/V row once for the whole query group (GQA), splits long contexts over many blocks,
+//          and the last of a sequence's blocks to finish merges the splits' partial softmax states;
 //  prefill: flash attention on tensor cores over tiles of up to 64 new tokens of a sequence,
 //          K/V tiles gathered through the block table, online softmax, causal mask.
 // Anything else (f32 KV, other head sizes) runs a simple exact kernel, a warp per (token, head).
@@ -55,8 +55,11 @@ struct DecodeEntry {
 struct AttentionPlan {
   const DecodeEntry* decode = nullptr;  // [n_decode] single-token sequences
   int32_t n_decode = 0;
-  int32_t n_splits = 1;       // KV of each decode sequence split into chunks of split_tokens (<= 128)
-  int32_t split_tokens = 1 << 30;
+  // Each decode sequence's KV is cut into at most n_splits (<= 128) blocks' worth of whole
+  // 16-position tiles, none planned shorter than min_split_tokens; the kernel sizes the splits
+  // from each sequence's own length, so one plan (and one captured graph) serves a range of lengths.
+  int32_t n_splits = 1;
+  int32_t min_split_tokens = 128;
   float* partial = nullptr;   // workspace of attention_workspace_bytes(), zeroed once when
                               // allocated (its merge counters return to zero after every launch)
   const AttentionTile* tiles = nullptr;  // [n_tiles] prefill work
@@ -64,6 +67,9 @@ struct AttentionPlan {
 };
 
 bool attention_fast_path(DType kv_dtype, int32_t head_dim);
+// How many decode-attention blocks the current device holds at once (blocks per SM for this
+// instance times SMs): a step plan sizes its splits to fill these once. 0 without a fast path.
+int64_t decode_attention_resident_blocks(DType kv_dtype, int32_t head_dim, int32_t group);
 size_t attention_workspace_bytes(int32_t n_decode, int32_t n_heads, int32_t n_splits, int32_t head_dim);
 
 // q, out: [n_tokens, n_heads, head_dim] in the KV's dtype. With a fast path, every token must be
