@@ -31,7 +31,7 @@ TEST_CASE("rmsnorm_cuda matches rmsnorm_ref, every output type, with a row list"
   DEN_SKIP_WITHOUT_GPU();
   std::mt19937 rng(31);
   for (DType t : {DType::f32, DType::bf16, DType::f16}) {
-    for (int64_t n : {37, 576, 1002, 4096}) {
+    for (int64_t n : {37, 576, 1002, 4096, 8192, 8196}) {
       const int64_t rows = 733;
       const auto x = test::random_floats(rng, static_cast<size_t>(rows * n), 2.0f);
       const auto w = test::random_floats(rng, static_cast<size_t>(n));
@@ -44,19 +44,21 @@ TEST_CASE("rmsnorm_cuda matches rmsnorm_ref, every output type, with a row list"
       test::check_close(test::compare(device_floats(dy, x.size(), t), ref), bound_for(t),
                         "rmsnorm " + std::string(kernels::dtype_name(t)) + " n=" + std::to_string(n));
     }
-    // A row list picks rows (the rows whose logits a step wants).
-    const int64_t n = 37;
-    const auto x = test::random_floats(rng, static_cast<size_t>(10 * n));
-    const auto w = test::random_floats(rng, static_cast<size_t>(n));
-    const std::vector<int32_t> rows = {9, 2, 2, 5};
-    std::vector<float> ref(rows.size() * n);
-    for (size_t r = 0; r < rows.size(); ++r) {
-      kernels::rmsnorm_ref(x.data() + rows[r] * n, w.data(), ref.data() + r * n, 1, n, 1e-5f);
+    // A row list picks rows (the rows whose logits a step wants), on both paths.
+    for (int64_t n : {37, 2048}) {
+      const auto x = test::random_floats(rng, static_cast<size_t>(10 * n));
+      const auto w = test::random_floats(rng, static_cast<size_t>(n));
+      const std::vector<int32_t> rows = {9, 2, 2, 5};
+      std::vector<float> ref(rows.size() * static_cast<size_t>(n));
+      for (size_t r = 0; r < rows.size(); ++r) {
+        kernels::rmsnorm_ref(x.data() + rows[r] * n, w.data(), ref.data() + r * n, 1, n, 1e-5f);
+      }
+      const auto dx = test::to_device(x), dw = test::to_device(w), drows = test::to_device(rows);
+      kernels::DeviceBuffer dy(ref.size() * 4);
+      kernels::rmsnorm_cuda(dx.as<float>(), dw.as<float>(), dy.get(), t, drows.as<int32_t>(), 4, n, 1e-5f, nullptr);
+      test::check_close(test::compare(device_floats(dy, ref.size(), t), ref), bound_for(t),
+                        "rmsnorm row list n=" + std::to_string(n));
     }
-    const auto dx = test::to_device(x), dw = test::to_device(w), drows = test::to_device(rows);
-    kernels::DeviceBuffer dy(ref.size() * 4);
-    kernels::rmsnorm_cuda(dx.as<float>(), dw.as<float>(), dy.get(), t, drows.as<int32_t>(), 4, n, 1e-5f, nullptr);
-    test::check_close(test::compare(device_floats(dy, ref.size(), t), ref), bound_for(t), "rmsnorm row list");
   }
 }
 
@@ -92,19 +94,21 @@ TEST_CASE("embedding_gather_cuda matches embedding_gather_ref") {
 TEST_CASE("swiglu_cuda matches swiglu_ref over the fused gate/up layout") {
   DEN_SKIP_WITHOUT_GPU();
   std::mt19937 rng(33);
-  const int64_t n_tokens = 37, n_ff = 1002;
-  const auto gate_up = test::random_floats(rng, static_cast<size_t>(n_tokens * 2 * n_ff), 3.0f);
-  std::vector<float> ref(static_cast<size_t>(n_tokens * n_ff));
-  for (int64_t t = 0; t < n_tokens; ++t) {
-    kernels::swiglu_ref(gate_up.data() + t * 2 * n_ff, gate_up.data() + t * 2 * n_ff + n_ff, ref.data() + t * n_ff,
-                        n_ff);
-  }
-  const auto d = test::to_device(gate_up);
-  for (DType t : {DType::f32, DType::bf16}) {
-    kernels::DeviceBuffer out(ref.size() * 4);
-    kernels::swiglu_cuda(d.as<float>(), out.get(), t, n_tokens, n_ff, nullptr);
-    test::check_close(test::compare(device_floats(out, ref.size(), t), ref), bound_for(t),
-                      "swiglu " + std::string(kernels::dtype_name(t)));
+  const int64_t n_tokens = 37;
+  for (int64_t n_ff : {1002, 1024}) {  // the general kernel, and four outputs a thread
+    const auto gate_up = test::random_floats(rng, static_cast<size_t>(n_tokens * 2 * n_ff), 3.0f);
+    std::vector<float> ref(static_cast<size_t>(n_tokens * n_ff));
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      kernels::swiglu_ref(gate_up.data() + t * 2 * n_ff, gate_up.data() + t * 2 * n_ff + n_ff, ref.data() + t * n_ff,
+                          n_ff);
+    }
+    const auto d = test::to_device(gate_up);
+    for (DType t : {DType::f32, DType::bf16}) {
+      kernels::DeviceBuffer out(ref.size() * 4);
+      kernels::swiglu_cuda(d.as<float>(), out.get(), t, n_tokens, n_ff, nullptr);
+      test::check_close(test::compare(device_floats(out, ref.size(), t), ref), bound_for(t),
+                        "swiglu " + std::string(kernels::dtype_name(t)) + " n_ff=" + std::to_string(n_ff));
+    }
   }
 }
 
