@@ -79,15 +79,18 @@ void StepPlan::build(std::span<const SequenceInput> batch, int32_t n_heads, bool
   logit_rows_.insert(logit_rows_.end(), sample_rows.begin(), sample_rows.end());
 
   // Split decode contexts into as many splits as fill the attention blocks the GPU holds at once
-  // one time: one wave of blocks of equal work, no sequence split more than that (each split adds
-  // a partial state to write and merge). Measured on an H200 (8B shape, three blocks an SM)
-  // against the eight waves of blocks planned before: batch 1 at 32K 192.3 tok/s against 177.7
-  // (49 splits against 64), batch 8 at 32K 575.2 against 515.3 (6 against 17), batch 32 at 1K
-  // 4672.6 against 4041.8 (1 against 5); filling two thirds of the slots was slower in every
-  // cell. The kernel cuts each sequence into that many equal splits of its own length, none
-  // shorter than 128 positions (two tiles per warp, so each warp's loads pipeline). Only the count
-  // is fixed here, bounded by the longest context rounded up to a power of two, so it stays the
-  // same for many steps in a row (a captured decode graph bakes it in).
+  // one time: blocks of equal work, no sequence split more than that (each split adds a partial
+  // state to write and merge). A sweep of split counts on an H200 (8B shape, one session) against
+  // the eight waves of blocks planned before: batch 1 at 32K 191.0 tok/s with 33 splits against
+  // 177.7 with 64 and 173.7 with 44; batch 8 at 32K 562-564 with 4 to 12 against 515 with 17;
+  // batch 32 at 1K 4712 with one split against 4042 with five. Filling two thirds of the
+  // resident blocks instead was slower in every cell. The count is the occupancy calculator's
+  // (three blocks an SM at the 8B shape, so 49 splits at batch 1, 192.3 tok/s); Nsight showed the
+  // driver's shared-memory carveout holding two at batch 32. The kernel cuts each sequence into
+  // that many equal splits of its own length, none shorter than 128 positions (two tiles per
+  // warp, so each warp's loads pipeline). Only the count is fixed here, bounded by the longest
+  // context rounded up to a power of two, so it stays the same for many steps in a row (a
+  // captured decode graph bakes it in).
   n_splits_ = 1;
   if (!decode_.empty()) {
     int32_t bucket = 256;
