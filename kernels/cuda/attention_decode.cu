@@ -32,7 +32,7 @@ constexpr int kMaxSplits = 128;
 // The positions [begin, end) of split `split` of a sequence of kv_length positions: the
 // sequence is cut into `used` splits of whole tiles, as many as the grid has (n_splits) but none
 // planned shorter than min_split_tokens, their tile counts differing by at most one. Splits at
-// or past `used` have no work.
+// or past `used` have no work (an empty context keeps split 0, which writes zeros as before).
 struct SplitRange {
   int begin, end, used;
 };
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads)
   const DecodeEntry entry = decode[d];  // the step's plan: no kernel writes it
   const int token = entry.token;
   const SplitRange range = split_range(entry.kv_length, split, n_splits, min_split_tokens);
-  if (range.begin >= range.end) return;  // more splits than this sequence needs
+  if (split >= range.used) return;  // more splits than this sequence needs
   const int begin = range.begin, end = range.end, used = range.used;
   const int32_t* table = batch.block_tables + entry.table_offset;
   const T* pool = static_cast<const T*>(kv.blocks);
