@@ -386,14 +386,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-}  // namespace
-
-int64_t decode_attention_resident_blocks(DType kv_dtype, int32_t head_dim, int32_t group) {
-  if (!attention_fast_path(kv_dtype, head_dim)) return 0;
-  int device = 0, sms = 0, per_sm = 0;
-  check(cudaGetDevice(&device));
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  dispatch_half_types(kv_dtype, [&](auto tag) {
+// Calls f(kernel, tag of T) with the decode kernel instance for (dtype, head_dim, group), its
+// dynamic shared memory allowed: the one place that picks an instance.
+template <typename F>
+void with_decode_kernel(DType dtype, int32_t head_dim, int32_t group, F&& f) {
+  dispatch_half_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim(head_dim, [&](auto hd_tag) {
       constexpr int HD = decltype(hd_tag)::value;
@@ -401,10 +398,23 @@ int64_t decode_attention_resident_blocks(DType kv_dtype, int32_t head_dim, int32
         constexpr int G = decltype(g_tag)::value;
         auto kernel = decode_attention_kernel<T, HD, G>;
         constexpr size_t smem = DecodeSmem<HD>::kElems * sizeof(T);
+        static_assert(smem >= (kWarps * G * HD + 2 * kWarps * G) * sizeof(float), "merge space");
         check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+        f(kernel, smem, tag);
       });
     });
+  });
+}
+
+}  // namespace
+
+int64_t decode_attention_resident_blocks(DType kv_dtype, int32_t head_dim, int32_t group) {
+  if (!attention_fast_path(kv_dtype, head_dim)) return 0;
+  int device = 0, sms = 0, per_sm = 0;
+  check(cudaGetDevice(&device));
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  with_decode_kernel(kv_dtype, head_dim, group, [&](auto kernel, size_t smem, auto) {
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   });
   return int64_t{std::max(per_sm, 1)} * sms;
 }
@@ -427,22 +437,12 @@ void decode_attention_launch(const void* q, void* out, const PagedKvView& kv, co
   // The workspace: merge counters, then the partial states.
   int32_t* counters = reinterpret_cast<int32_t*>(plan.partial);
   float* partial = reinterpret_cast<float*>(reinterpret_cast<char*>(plan.partial) + kAttentionCounterBytes);
-  dispatch_half_types(kv.layout.dtype, [&](auto tag) {
+  with_decode_kernel(kv.layout.dtype, kv.layout.head_dim, group, [&](auto kernel, size_t smem, auto tag) {
     using T = decltype(tag);
-    dispatch_head_dim(kv.layout.head_dim, [&](auto hd_tag) {
-      constexpr int HD = decltype(hd_tag)::value;
-      dispatch_count_1_to_8(group, "decode attention: query heads per KV head", [&](auto g_tag) {
-        constexpr int G = decltype(g_tag)::value;
-        auto kernel = decode_attention_kernel<T, HD, G>;
-        constexpr size_t smem = DecodeSmem<HD>::kElems * sizeof(T);
-        static_assert(smem >= (kWarps * G * HD + 2 * kWarps * G) * sizeof(float), "merge space");
-        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        launch_chained(kernel, grid, dim3(kThreads), smem, stream, static_cast<const T*>(q),
-                       static_cast<T*>(out), kv, batch, plan.decode, layer, n_heads, scale_log2, plan.min_split_tokens,
-                       plan.n_splits, partial, counters);
-      });
-      check_launch();
-    });
+    launch_chained(kernel, grid, dim3(kThreads), smem, stream, static_cast<const T*>(q), static_cast<T*>(out), kv,
+                   batch, plan.decode, layer, n_heads, scale_log2, plan.min_split_tokens, plan.n_splits, partial,
+                   counters);
+    check_launch();
   });
 }
 

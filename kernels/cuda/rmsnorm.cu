@@ -1,5 +1,8 @@
 // RMSNorm on the GPU: one block per row, a block-wide sum of squares, then the scaled write in
-// the output type (rows of up to 8,192 floats, a multiple of 4, held in registers). Same formula and epsilon as rmsnorm_ref (kernels/ref/rmsnorm_ref.cpp).
+// the output type (rows of up to 8,192 floats, a multiple of 4, held in registers). Same formula
+// and epsilon as rmsnorm_ref (kernels/ref/rmsnorm_ref.cpp).
+#include <cstdint>
+
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/rmsnorm.h"
 #include "count_dispatch.h"
@@ -84,7 +87,8 @@ void rmsnorm_cuda(const float* x, const float* weight, void* y, DType y_type, co
                   int64_t n, float eps, CudaStream stream) {
   if (n_rows == 0) return;
   const int64_t per_thread = (n / 4 + kThreads - 1) / kThreads;
-  if (n % 4 == 0 && per_thread <= 8) {
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(weight) % 16 == 0;
+  if (n % 4 == 0 && per_thread <= 8 && aligned) {
     dispatch_dtype(y_type, [&](auto t) {
       using T = decltype(t);
       dispatch_count_1_to_8(static_cast<int32_t>(per_thread), "rmsnorm: pieces per thread", [&](auto p_tag) {

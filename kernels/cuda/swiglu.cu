@@ -1,5 +1,7 @@
 // SwiGLU on the GPU over the fused gate/up output: same formula as swiglu_ref (expf, not the
 // fast approximation).
+#include <cstdint>
+
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/swiglu.h"
 #include "device_types.cuh"
@@ -40,7 +42,7 @@ __global__ void swiglu_quads_kernel(const float* __restrict__ gate_up, T* __rest
 void swiglu_cuda(const float* gate_up, void* out, DType out_type, int64_t n_tokens, int64_t n_ff, CudaStream stream) {
   const int64_t total = n_tokens * n_ff;
   if (total == 0) return;
-  if (n_ff % 4 == 0 && n_tokens <= 65535) {
+  if (n_ff % 4 == 0 && n_tokens <= 65535 && reinterpret_cast<uintptr_t>(gate_up) % 16 == 0) {
     const dim3 grid(static_cast<unsigned>((n_ff / 4 + 255) / 256), static_cast<unsigned>(n_tokens));
     dispatch_dtype(out_type, [&](auto tag) {
       using T = decltype(tag);
