@@ -13,6 +13,23 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// 1 / sqrt(mean of squares + eps) of a row, given each thread's partial sum of squares (every
+// thread of the kThreads-thread block calls it; all get the result).
+__device__ __forceinline__ float block_inv_rms(float partial, int64_t n, float eps) {
+  partial = warp_sum(partial);
+  __shared__ float warp_sums[kThreads / 32];
+  __shared__ float inv_rms;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = partial;
+  __syncthreads();
+  if (warp == 0) {
+    const float total = warp_sum(lane < kThreads / 32 ? warp_sums[lane] : 0.0f);
+    if (lane == 0) inv_rms = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
+  }
+  __syncthreads();
+  return inv_rms;
+}
+
 template <typename T>
 __global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restrict__ weight, T* y,
                                const int32_t* __restrict__ rows, int64_t n, float eps) {
@@ -21,17 +38,7 @@ __global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restr
   T* yr = y + static_cast<int64_t>(blockIdx.x) * n;
   float partial = 0.0f;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) partial += xr[i] * xr[i];
-  partial = warp_sum(partial);
-  __shared__ float warp_sums[kThreads / 32];
-  __shared__ float inv_rms;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = partial;
-  __syncthreads();
-  if (warp == 0) {
-    float total = warp_sum(lane < kThreads / 32 ? warp_sums[lane] : 0.0f);
-    if (lane == 0) inv_rms = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
-  }
-  __syncthreads();
+  const float inv_rms = block_inv_rms(partial, n, eps);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = from_float<T>(weight[i] * (xr[i] * inv_rms));
 }
 
@@ -56,17 +63,7 @@ __global__ void __launch_bounds__(kThreads)
       partial += v[p].x * v[p].x + v[p].y * v[p].y + v[p].z * v[p].z + v[p].w * v[p].w;
     }
   }
-  partial = warp_sum(partial);
-  __shared__ float warp_sums[kThreads / 32];
-  __shared__ float inv_rms;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = partial;
-  __syncthreads();
-  if (warp == 0) {
-    float total = warp_sum(lane < kThreads / 32 ? warp_sums[lane] : 0.0f);
-    if (lane == 0) inv_rms = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
-  }
-  __syncthreads();
+  const float inv_rms = block_inv_rms(partial, n, eps);
   T* yr = y + static_cast<int64_t>(blockIdx.x) * n;
 #pragma unroll
   for (int p = 0; p < P; ++p) {
