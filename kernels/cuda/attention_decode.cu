@@ -9,7 +9,7 @@
 // a sequence write partial (max, sum, accumulator) states and the last block to finish a
 // (sequence, KV head) merges them (a counter per pair, reset by that block). Block-table
 // entries are looked up a tile ahead of the copies that need them.
-// Each block sizes its split from its own sequence's length (split_range): a captured decode
+// Each block sizes its split from its own sequence's length (decode_split): a captured decode
 // graph fixes only the grid, so the splits of every step cover the context evenly, with no
 // empty blocks past its end.
 #include <algorithm>
@@ -26,23 +26,8 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTile = 16;       // positions per warp tile
+constexpr int kTile = kDecodeTile;  // positions per warp tile
 constexpr int kMaxSplits = 128;
-
-// The positions [begin, end) of split `split` of a sequence of kv_length positions: the
-// sequence is cut into `used` splits of whole tiles, as many as the grid has (n_splits) but none
-// planned shorter than min_split_tokens, their tile counts differing by at most one. Splits at
-// or past `used` have no work (an empty context keeps split 0, which writes zeros as before).
-struct SplitRange {
-  int begin, end, used;
-};
-__device__ __forceinline__ SplitRange split_range(int kv_length, int split, int n_splits, int min_split_tokens) {
-  const int n_tiles = max(1, (kv_length + kTile - 1) / kTile);
-  const int used = max(1, min(n_splits, min(n_tiles, (kv_length + min_split_tokens - 1) / min_split_tokens)));
-  if (split >= used) return {0, 0, used};
-  const int first_tile = split * n_tiles / used, last_tile = (split + 1) * n_tiles / used;
-  return {first_tile * kTile, min(kv_length, last_tile * kTile), used};
-}
 
 template <int HD>
 struct DecodeSmem {
@@ -74,7 +59,7 @@ __global__ void __launch_bounds__(kThreads)
   auto Vs = [&](int st) { return warp_stages + st * 2 * Smem::kTileElems + Smem::kTileElems; };
   const DecodeEntry entry = decode[d];  // the step's plan: no kernel writes it
   const int token = entry.token;
-  const SplitRange range = split_range(entry.kv_length, split, n_splits, min_split_tokens);
+  const DecodeSplit range = decode_split(entry.kv_length, split, n_splits, min_split_tokens);
   if (split >= range.used) return;  // more splits than this sequence needs
   const int begin = range.begin, end = range.end, used = range.used;
   const int32_t* table = batch.block_tables + entry.table_offset;

@@ -123,3 +123,36 @@ TEST_CASE("paged attention over a shuffled block table equals dense attention (f
 }
 TEST_CASE("paged attention with f16 KV") { check_attention(DType::f16); }
 TEST_CASE("paged attention with bf16 KV") { check_attention(DType::bf16); }
+
+TEST_CASE("decode_split cuts each context into equal runs of whole tiles, no more than asked") {
+  for (int32_t length : {0, 1, 15, 16, 17, 37, 128, 129, 1000, 1044, 5000, 32800}) {
+    for (int32_t n_splits : {1, 4, 7, 16, 49, 64, 128}) {
+      for (int32_t min_split : {1, 16, 64, 128}) {
+        CAPTURE(length);
+        CAPTURE(n_splits);
+        CAPTURE(min_split);
+        const int32_t used = decode_split(length, 0, n_splits, min_split).used;
+        const int32_t tiles = std::max(1, (length + kDecodeTile - 1) / kDecodeTile);
+        CHECK(used == std::max(1, std::min({n_splits, tiles, (length + min_split - 1) / min_split})));
+        int32_t covered = 0, fewest = 1 << 30, most = 0;
+        for (int32_t s = 0; s < n_splits; ++s) {
+          const DecodeSplit d = decode_split(length, s, n_splits, min_split);
+          CHECK(d.used == used);
+          if (s >= used) {
+            CHECK(d.begin == d.end);
+            continue;
+          }
+          CHECK(d.begin == covered);  // contiguous, in order, from 0
+          CHECK(d.begin % kDecodeTile == 0);
+          CHECK((length == 0 || d.end > d.begin));
+          covered = d.end;
+          const int32_t split_tiles = (d.end - d.begin + kDecodeTile - 1) / kDecodeTile;
+          fewest = std::min(fewest, split_tiles);
+          most = std::max(most, split_tiles);
+        }
+        CHECK(covered == length);
+        if (length > kDecodeTile) CHECK(most - fewest <= 1);
+      }
+    }
+  }
+}

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "den/kernels/cuda_stream.h"
+#include "den/kernels/host_device.h"
 #include "den/kernels/paged_kv.h"
 
 namespace den::kernels {
@@ -51,6 +52,29 @@ struct DecodeEntry {
   int32_t kv_length;     // tokens in its KV
   int32_t table_offset;  // its block table in PagedBatch::block_tables
 };
+
+// How the decode kernel cuts a sequence of kv_length positions over a grid of n_splits splits:
+// into `used` splits of whole kDecodeTile-position tiles, as many as n_splits but none planned
+// shorter than min_split_tokens, their tile counts differing by at most one; split `split` covers
+// [begin, end). Splits at or past `used` have no work; an empty context keeps split 0, empty.
+inline constexpr int32_t kDecodeTile = 16;
+struct DecodeSplit {
+  int32_t begin, end, used;
+};
+DEN_HOST_DEVICE inline DecodeSplit decode_split(int32_t kv_length, int32_t split, int32_t n_splits,
+                                                int32_t min_split_tokens) {
+  const int32_t tiles = (kv_length + kDecodeTile - 1) / kDecodeTile;
+  const int32_t n_tiles = tiles > 1 ? tiles : 1;
+  const int32_t by_length = (kv_length + min_split_tokens - 1) / min_split_tokens;
+  int32_t used = n_splits < n_tiles ? n_splits : n_tiles;
+  used = by_length < used ? by_length : used;
+  used = used > 1 ? used : 1;
+  if (split >= used) return {0, 0, used};
+  const auto first_tile = static_cast<int32_t>(int64_t{split} * n_tiles / used);
+  const auto last_tile = static_cast<int32_t>(int64_t{split + 1} * n_tiles / used);
+  const int32_t end = last_tile * kDecodeTile;
+  return {first_tile * kDecodeTile, end < kv_length ? end : kv_length, used};
+}
 
 struct AttentionPlan {
   const DecodeEntry* decode = nullptr;  // [n_decode] single-token sequences
