@@ -46,6 +46,7 @@ const std::vector<FailpointInfo>& known_failpoints() {
       {"sqlite.after_commit", "any SQLite write transaction, after COMMIT", false},
       {"cleanup.remove_segment", "removing a segment no session needs any more (its row already gone)"},
       {"agents.begin_run", "an agent's next run (a timer, a message, a full context) being begun in the store"},
+      {"agents.end_run", "an agent run's end (completed or failed, its ctx.state) being committed in the store"},
       {"agents.start_run", "an agent run being set up: its journal read, its handler and arguments pushed"},
       {"agents.serialize_state", "an agent handler's ctx.state being converted for its commit", false},
       {"agents.after_compact", "an agent's history compacted and saved, the effect that needed the room not yet journaled", false},

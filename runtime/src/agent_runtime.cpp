@@ -12,6 +12,7 @@
 #include <future>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -96,6 +97,16 @@ struct AgentRuntime::Impl {
     bool context_full_handled = false;  // on_context_full ran for the current fullness
     int32_t context_checked_length = -1;  // the history length the default policy left
     double pump_retry_seconds = 0;  // after a run could not be begun: the wait before the next try
+    // A run whose handler is done but whose end the store has not taken yet: tried again (1 s,
+    // doubling to 30 s) before the agent starts anything else.
+    struct Ending {
+      RunRecord record;
+      bool ok = true;
+      std::string state_json, error;
+      bool logged = false;  // a failed run's log line is written once
+    };
+    std::optional<Ending> ending;
+    double end_retry_seconds = 0;
   };
 
   AgentRuntimeConfig config;
@@ -925,45 +936,72 @@ struct AgentRuntime::Impl {
       }
       lua_pop(L, 2);
     }
-    const RunRecord record = a.run->record;
+    a.ending = Agent::Ending{a.run->record, ok, std::move(state_json), std::move(error)};
+    if (a.run->ctx_ref != LUA_NOREF) luaL_unref(a.sandbox->state(), LUA_REGISTRYINDEX, a.run->ctx_ref);
+    a.run.reset();
+    end_run(a);
+  }
+
+  // Commits the end of the agent's finished run; once the store has it, tells listeners and
+  // waiters, checkpoints, and lets the agent go on. A store that fails is tried again in place
+  // (the message would otherwise wait for a restart to replay the run).
+  void end_run(Agent& a) {
+    Agent::Ending& e = *a.ending;
     try {
-      if (ok) {
-        store.complete_run(record.id, state_json);
-        a.record.state_json = state_json;
+      memory::failpoint("agents.end_run");
+      if (e.ok) {
+        store.complete_run(e.record.id, e.state_json);
+        a.record.state_json = e.state_json;
         ++runs_completed;
       } else {
         // The log line first: a client that sees the run failed (a send with wait, answered the
         // moment the status flips) reads the log next and must find why.
-        agent_log(a, "error", handler_for(record.trigger) + " failed: " + error);
-        store.fail_run(record.id, error);
+        if (!e.logged) agent_log(a, "error", handler_for(e.record.trigger) + " failed: " + e.error);
+        e.logged = true;
+        store.fail_run(e.record.id, e.error);
         ++runs_failed;
         // The operator's log too: a failed run leaves its trigger handled but its effect undone.
-        log_warn("agent run failed", {{"agent", a.record.name}, {"run", std::to_string(record.id)},
-                                      {"trigger", record.trigger}, {"error", error}});
+        log_warn("agent run failed", {{"agent", a.record.name}, {"run", std::to_string(e.record.id)},
+                                      {"trigger", e.record.trigger}, {"error", e.error}});
       }
-    } catch (const std::exception& e) {
-      log_error("agent run not committed", {{"agent", a.record.name}, {"error", e.what()}});
+    } catch (const std::exception& ex) {
+      a.end_retry_seconds = std::clamp(a.end_retry_seconds * 2, 1.0, 30.0);
+      log_error("agent run not committed", {{"agent", a.record.name},
+                                             {"run", std::to_string(e.record.id)},
+                                             {"error", ex.what()},
+                                             {"retry_in_s", std::to_string(a.end_retry_seconds)}});
+      const int64_t id = a.record.id;
+      auto timer = std::make_shared<asio::steady_timer>(
+          io, std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                  std::chrono::duration<double>(a.end_retry_seconds)));
+      timer->async_wait([this, timer, id](boost::system::error_code ec) {
+        if (ec || shutting_down) return;
+        auto it = agents.find(id);
+        if (it != agents.end() && it->second->ending) end_run(*it->second);
+      });
+      return;
     }
-    if (a.run->ctx_ref != LUA_NOREF) luaL_unref(a.sandbox->state(), LUA_REGISTRYINDEX, a.run->ctx_ref);
-    a.run.reset();
+    a.end_retry_seconds = 0;
+    const Agent::Ending done = std::move(e);
+    a.ending.reset();
     if (a.sandbox->killed()) {
       // A limit killed the state: the agent goes on in a fresh one.
       try {
         a.sandbox = make_sandbox(a);
-      } catch (const std::exception& e) {
-        store.set_agent_status(a.record.id, "failed", e.what());
+      } catch (const std::exception& ex) {
+        store.set_agent_status(a.record.id, "failed", ex.what());
         a.record.status = "failed";
       }
     }
     emit(a.record.id, {{"kind", "run"},
                        {"agent", a.record.name},
-                       {"run", record.id},
-                       {"trigger", record.trigger},
-                       {"status", ok ? "completed" : "failed"},
-                       {"error", error}});
-    if (record.trigger == "message") notify_handled(record.message_id);
+                       {"run", done.record.id},
+                       {"trigger", done.record.trigger},
+                       {"status", done.ok ? "completed" : "failed"},
+                       {"error", done.error}});
+    if (done.record.trigger == "message") notify_handled(done.record.message_id);
     // Between runs the KV of the conversation is written down (its tokens are durable already).
-    if (ok) {
+    if (done.ok) {
       try {
         sessions.checkpoint(a.record.session);
       } catch (const std::exception&) {
@@ -1028,7 +1066,7 @@ struct AgentRuntime::Impl {
     auto it = agents.find(id);
     if (it == agents.end()) return;
     Agent& a = *it->second;
-    if (a.run || a.record.status != "active" || !a.sandbox) return;
+    if (a.run || a.ending || a.record.status != "active" || !a.sandbox) return;
     try {
       if (!a.interrupted.empty()) {
         RunRecord r = a.interrupted.front();
@@ -1138,6 +1176,15 @@ struct AgentRuntime::Impl {
                               {"waiting_on", a.run->waiting ? json::value(a.run->waiting_on) : json::value(nullptr)},
                               {"waiting_seconds", a.run->waiting ? unix_now() - a.run->waiting_since : 0.0},
                               {"started_at", a.run->record.started_at}};
+    } else if (a.ending) {
+      // The handler is done; the store has not taken its end yet (tried again until it does).
+      o["run"] = json::object{{"id", a.ending->record.id},
+                              {"trigger", a.ending->record.trigger},
+                              {"status", "committing"},
+                              {"waiting", false},
+                              {"waiting_on", nullptr},
+                              {"waiting_seconds", 0.0},
+                              {"started_at", a.ending->record.started_at}};
     } else {
       o["run"] = nullptr;
     }
@@ -1328,7 +1375,9 @@ void AgentRuntime::stop(std::string_view name) {
     Impl::Agent& a = impl.agent_by_name(name);
     impl.store.set_agent_status(a.record.id, "stopped", "stopped by request");
     a.record.status = "stopped";
-    const int64_t current = a.run && a.run->record.trigger == "message" ? a.run->record.message_id : 0;
+    // The message of a run in progress, or of one whose end is being committed, is still answered.
+    const RunRecord* in_progress = a.run ? &a.run->record : a.ending ? &a.ending->record : nullptr;
+    const int64_t current = in_progress != nullptr && in_progress->trigger == "message" ? in_progress->message_id : 0;
     impl.release_waiters(a.record.id, current, "stopped");
     return 0;
   });

@@ -178,6 +178,32 @@ TEST_CASE("an agent whose next run cannot be begun tries again, and handles the 
   CHECK(replies_of(send_and_wait(client, "echo", "b")) == std::vector<std::string>{"echo b #2"});
 }
 
+TEST_CASE("an agent run whose end the store cannot take is committed in place, and its message handled") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  // The store fails to take the end of the first message's run (hit 2: on_start's end is hit 1).
+  // Before, the agent went on with the run still `running` in the store until a restart replayed
+  // it, and ctx.state kept what the last committed run left.
+  ::setenv("DEN_FAILPOINTS", "agents.end_run=error@2", 1);
+  DaemonProcess daemon(agent_daemon_args());
+  ::unsetenv("DEN_FAILPOINTS");
+  DaemonClient client(daemon.socket_path());
+  spawn(client, "echo", kEchoAgent);
+  CHECK(replies_of(send_and_wait_bounded(daemon, "echo", "a")) == std::vector<std::string>{"echo a #1"});
+  CHECK(daemon.log().find("agent run not committed") != std::string::npos);
+  CHECK(replies_of(send_and_wait(client, "echo", "b")) == std::vector<std::string>{"echo b #2"});
+  const json::value agent = wait_for_agent(
+      client, "echo", [](const json::value& a) { return a.at("run").is_null(); }, std::chrono::seconds(30));
+  REQUIRE(agent.at("run").is_null());
+  const json::value details = client.call("agents/get", {{"agent", "echo"}});
+  int completed = 0;
+  for (const json::value& run : details.at("runs").as_array()) {
+    CHECK(run.at("status").as_string() == "completed");
+    completed += run.at("status").as_string() == "completed" ? 1 : 0;
+  }
+  CHECK(completed == 3);  // on_start, a, b
+  CHECK(details.at("state").at("seen").to_number<int64_t>() == 2);
+}
+
 // The handler generates, then sleeps (durably); the daemon is killed during the sleep. After the
 // restart the run is interrupted, runs again, gets its generation from the journal (the model is
 // not asked again, the KV was checkpointed: 0 tokens recomputed), and replies exactly once.
