@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <future>
+#include <memory>
 #include <thread>
 
 #include "daemon_process.h"
@@ -163,18 +164,26 @@ TEST_CASE("a run that cannot be set up fails, and the agent goes on with its nex
   CHECK(replies_of(send_and_wait(client, "echo", "c")) == std::vector<std::string>{"echo c #2"});
 }
 
+// A daemon whose store fails as `failpoints` says (DEN_FAILPOINTS, seen by it alone), with the
+// echo agent spawned.
+std::unique_ptr<DaemonProcess> echo_agent_with_failpoints(const char* failpoints) {
+  ::setenv("DEN_FAILPOINTS", failpoints, 1);
+  auto daemon = std::make_unique<DaemonProcess>(agent_daemon_args());
+  ::unsetenv("DEN_FAILPOINTS");
+  DaemonClient client(daemon->socket_path());
+  spawn(client, "echo", kEchoAgent);
+  return daemon;
+}
+
 TEST_CASE("an agent whose next run cannot be begun tries again, and handles the message") {
   DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
   // The store fails to begin the run of the agent's first message (an injected I/O error). The
   // message is queued and nothing else would wake the agent: before the retry it waited for the
   // next message or timer, and a sender waiting for this one waited forever.
-  ::setenv("DEN_FAILPOINTS", "agents.begin_run=error@1", 1);
-  DaemonProcess daemon(agent_daemon_args());
-  ::unsetenv("DEN_FAILPOINTS");
-  DaemonClient client(daemon.socket_path());
-  spawn(client, "echo", kEchoAgent);
-  CHECK(replies_of(send_and_wait_bounded(daemon, "echo", "a")) == std::vector<std::string>{"echo a #1"});
-  CHECK(daemon.log().find("agent could not start a run") != std::string::npos);
+  const auto daemon = echo_agent_with_failpoints("agents.begin_run=error@1");
+  DaemonClient client(daemon->socket_path());
+  CHECK(replies_of(send_and_wait_bounded(*daemon, "echo", "a")) == std::vector<std::string>{"echo a #1"});
+  CHECK(daemon->log().find("agent could not start a run") != std::string::npos);
   CHECK(replies_of(send_and_wait(client, "echo", "b")) == std::vector<std::string>{"echo b #2"});
 }
 
@@ -183,13 +192,10 @@ TEST_CASE("an agent run whose end the store cannot take is committed in place, a
   // The store fails to take the end of the first message's run (hit 2: on_start's end is hit 1).
   // Before, the agent went on with the run still `running` in the store until a restart replayed
   // it, and ctx.state kept what the last committed run left.
-  ::setenv("DEN_FAILPOINTS", "agents.end_run=error@2", 1);
-  DaemonProcess daemon(agent_daemon_args());
-  ::unsetenv("DEN_FAILPOINTS");
-  DaemonClient client(daemon.socket_path());
-  spawn(client, "echo", kEchoAgent);
-  CHECK(replies_of(send_and_wait_bounded(daemon, "echo", "a")) == std::vector<std::string>{"echo a #1"});
-  CHECK(daemon.log().find("agent run not committed") != std::string::npos);
+  const auto daemon = echo_agent_with_failpoints("agents.end_run=error@2");
+  DaemonClient client(daemon->socket_path());
+  CHECK(replies_of(send_and_wait_bounded(*daemon, "echo", "a")) == std::vector<std::string>{"echo a #1"});
+  CHECK(daemon->log().find("agent run not committed") != std::string::npos);
   CHECK(replies_of(send_and_wait(client, "echo", "b")) == std::vector<std::string>{"echo b #2"});
   const json::value agent = wait_for_agent(
       client, "echo", [](const json::value& a) { return a.at("run").is_null(); }, std::chrono::seconds(30));
