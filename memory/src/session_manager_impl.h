@@ -872,6 +872,21 @@ struct SessionManager::Impl {
       if (!name.empty()) remove_file(kv_dir / name);
       throw SessionError("session " + std::to_string(id) + " was deleted during its checkpoint");
     }
+    // The history may have changed while the lock was released (an append saved it): the commit
+    // writes the current one, never the snapshot, or a crash after it would find an older,
+    // shorter history than one already saved. The KV it commits describes the snapshot's first
+    // committed_kv tokens, so it is kept only while the current history still starts with them.
+    const SessionRecordMem& current = session(id);
+    if (current.history_version != snapshot_version) {
+      const bool prefix_kept =
+          current.tokens.size() >= static_cast<size_t>(committed_kv) &&
+          std::equal(record.tokens.begin(), record.tokens.begin() + committed_kv, current.tokens.begin());
+      record.tokens = current.tokens;
+      if (!prefix_kept) {
+        record.kv_tokens = 0;
+        record.block_hashes.clear();
+      }
+    }
     try {
       store->commit_checkpoint(record, new_segments, new_blocks);
     } catch (...) {
@@ -892,7 +907,7 @@ struct SessionManager::Impl {
     }
     for (const auto& seg : new_segments) segments[seg.name] = seg;
     after.generation = record.generation;
-    after.stored_kv_tokens = committed_kv;
+    after.stored_kv_tokens = record.kv_tokens;
     if (after.history_version == snapshot_version) after.checkpointed_version = snapshot_version;
     counters.bytes_ssd_written += total;
     gc_segments_locked();

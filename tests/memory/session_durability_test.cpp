@@ -119,6 +119,36 @@ TEST_CASE("durability: a process killed at each step of the commit protocol lose
   }
 }
 
+TEST_CASE("durability: a checkpoint does not put back a history saved while it wrote its segment") {
+  // An agent's append saves the history while a checkpoint of the same session is writing (its
+  // lock released). The checkpoint's commit used to write the history it had snapshotted, so a
+  // crash after it restored a history one append short (a soak lost a message that way).
+  test::TempDir dir;
+  const auto id = make_generation_one(dir.path());
+  {
+    auto c = config(dir.path());
+    SessionManager* manager = nullptr;
+    bool appended = false;
+    c.on_commit_step = [&](std::string_view at) {
+      if (at != "write" || appended) return;
+      appended = true;
+      manager->append(id, tokens_of(700, 5));
+      manager->save_history(id);
+    };
+    SessionManager m(c);
+    manager = &m;
+    m.append(id, tokens_of(500, 9));
+    compute(m, id);
+    m.checkpoint(id)->wait_or_throw();
+    REQUIRE(appended);
+  }
+  SessionManager m(config(dir.path()));
+  const auto info = m.info(id);
+  CHECK(info.tokens == 18 + 9 + 5);
+  CHECK(info.kv_tokens == 27);  // the KV the checkpoint wrote still describes the history's start
+  CHECK(test::fake_kv_is_exact(m, id));
+}
+
 TEST_CASE("durability: EIO, ENOSPC and short writes fail the checkpoint and change nothing") {
   struct Case {
     std::string name;
