@@ -876,12 +876,12 @@ struct SessionManager::Impl {
     // writes the current one, never the snapshot, or a crash after it would find an older,
     // shorter history than one already saved. The KV it commits describes the snapshot's first
     // committed_kv tokens, so it is kept only while the current history still starts with them.
-    const SessionRecordMem& current = session(id);
-    if (current.history_version != snapshot_version) {
+    SessionRecordMem& after = session(id);
+    if (after.history_version != snapshot_version) {
       const bool prefix_kept =
-          current.tokens.size() >= static_cast<size_t>(committed_kv) &&
-          std::equal(record.tokens.begin(), record.tokens.begin() + committed_kv, current.tokens.begin());
-      record.tokens = current.tokens;
+          after.tokens.size() >= static_cast<size_t>(committed_kv) &&
+          std::equal(record.tokens.begin(), record.tokens.begin() + committed_kv, after.tokens.begin());
+      record.tokens = after.tokens;
       if (!prefix_kept) {
         record.kv_tokens = 0;
         record.block_hashes.clear();
@@ -900,7 +900,6 @@ struct SessionManager::Impl {
       throw;
     }
     commit_step("commit");
-    SessionRecordMem& after = session(id);
     for (const Pending& p : pending) {
       BlockRecord& b = rec(p.record);
       if (b.refs > 0 && b.version == p.version) b.durable_hash = p.hash;
