@@ -84,9 +84,10 @@ void StepPlan::build(std::span<const SequenceInput> batch, int32_t n_heads, bool
   // the eight waves of blocks planned before: batch 1 at 32K 191.0 tok/s with 33 splits against
   // 177.7 with 64 and 173.7 with 44; batch 8 at 32K 562-564 with 4 to 12 against 515 with 17;
   // batch 32 at 1K 4712 with one split against 4042 with five. Filling two thirds of the
-  // resident blocks instead was slower in every cell. The count is the occupancy calculator's
-  // (three blocks an SM at the 8B shape, so 49 splits at batch 1, 192.3 tok/s); Nsight showed the
-  // driver's shared-memory carveout holding two at batch 32. The kernel cuts each sequence into
+  // resident blocks instead was slower in every cell. The count comes from the kernels layer
+  // (decode_attention_resident_blocks: the occupancy calculator's blocks an SM, capped by the
+  // shared-memory carveout that layer asks for; two at the 8B shape, so 33 splits at batch 1 at
+  // 32K). The kernel cuts each sequence into
   // that many equal splits of its own length, none shorter than 128 positions (two tiles per
   // warp, so each warp's loads pipeline). Only the count is fixed here, bounded by the longest
   // context rounded up to a power of two, so it stays the same for many steps in a row (a

@@ -92,7 +92,8 @@ struct AttentionPlan {
 
 bool attention_fast_path(DType kv_dtype, int32_t head_dim);
 // How many decode-attention blocks the current device holds at once (blocks per SM for this
-// instance times SMs): a step plan sizes its splits to fill these once. 0 without a fast path.
+// instance, within the shared-memory carveout the kernel asks for, times SMs): a step plan
+// sizes its splits to fill these once. 0 without a fast path.
 int64_t decode_attention_resident_blocks(DType kv_dtype, int32_t head_dim, int32_t group);
 size_t attention_workspace_bytes(int32_t n_decode, int32_t n_heads, int32_t n_splits, int32_t head_dim);
 
