@@ -5,6 +5,10 @@
 // finishes token t's epilogue: no block barrier per pair.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>  // EXP
+#include <stdexcept>
+#include <utility>
+#include <vector>
 
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/gemv.h"
@@ -296,24 +300,26 @@ __global__ void __launch_bounds__(kThreads)
 // loads issued before this step's sums; each step's per-warp sums meet in shared memory (double
 // buffered: one barrier per step) and one thread per pair finishes its epilogue.
 constexpr int kSliceThreads = 256;
-constexpr int kSliceWarps = kSliceThreads / 32;
 constexpr int kSliceMaxPieces = 8;  // n_in up to 8 * 256 * 8 = 16,384 (bf16/f16)
+constexpr int kSliceWidePieces = 4;
+static_assert(kSliceMaxPieces * kSliceThreads <= kSliceWidePieces * 2 * kSliceThreads, "wide blocks hold every row");
 
 template <int P>
 __host__ __device__ constexpr int slice_pairs() {
   return P == 1 ? 4 : P == 2 ? 2 : 1;  // about 8 16-byte loads per thread per step
 }
 
-template <typename T, int P, bool NORMED>
-__global__ void __launch_bounds__(kSliceThreads)
+template <typename T, int P, bool NORMED, int THREADS>
+__global__ void __launch_bounds__(THREADS)
     gemv_slice_kernel(const T* __restrict__ w, int64_t n_in, int64_t n_out, GemvInput input, GemvEpilogue epilogue,
                       void* __restrict__ y, GemvRope rope, GemvNormOut norm_out) {
   constexpr int VEC = kVec<T>;
   constexpr int PAIRS = slice_pairs<P>();
+  constexpr int WARPS = THREADS / 32;
   pdl_allow_next();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __shared__ float sums[2][kSliceWarps][PAIRS][2];
-  __shared__ float scratch[kSliceWarps];
+  __shared__ float sums[2][WARPS][PAIRS][2];
+  __shared__ float scratch[WARPS];
   const int64_t n_pairs = pair_count(epilogue, n_out);
   const int64_t begin = blockIdx.x * n_pairs / gridDim.x, end = (blockIdx.x + 1) * n_pairs / gridDim.x;
   const int64_t n_pieces = n_in / VEC;
@@ -330,7 +336,7 @@ __global__ void __launch_bounds__(kSliceThreads)
       pair_weights(w, epilogue, pair, n_in, n_out, rope.shape, w0, w1);
 #pragma unroll
       for (int i = 0; i < P; ++i) {
-        const int64_t piece = threadIdx.x + int64_t{i} * kSliceThreads;
+        const int64_t piece = threadIdx.x + int64_t{i} * THREADS;
         if (piece < n_pieces) {
           // Streaming loads: each weight is read once per step, L2 should keep other things.
           s.piece[q][0][i] = __ldcs(reinterpret_cast<const uint4*>(w0) + piece);
@@ -350,7 +356,7 @@ __global__ void __launch_bounds__(kSliceThreads)
   const int64_t x_row = input.rows != nullptr ? input.rows[0] : 0;
 #pragma unroll
   for (int i = 0; i < P; ++i) {
-    const int64_t k = (threadIdx.x + int64_t{i} * kSliceThreads) * VEC;
+    const int64_t k = (threadIdx.x + int64_t{i} * THREADS) * VEC;
     if (k >= n_in) continue;
     if constexpr (NORMED) {
       const float* xr = static_cast<const float*>(input.x) + x_row * n_in + k;
@@ -377,7 +383,7 @@ __global__ void __launch_bounds__(kSliceThreads)
     for (int q = 0; q < PAIRS; ++q) acc[q][0] = acc[q][1] = 0.0f;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
-      if ((threadIdx.x + int64_t{i} * kSliceThreads) >= n_pieces) continue;
+      if ((threadIdx.x + int64_t{i} * THREADS) >= n_pieces) continue;
       float xv[VEC];
       if constexpr (NORMED) {
 #pragma unroll
@@ -411,7 +417,7 @@ __global__ void __launch_bounds__(kSliceThreads)
       const int64_t pair = first + q;
       float a0 = 0.0f, a1 = 0.0f;
 #pragma unroll
-      for (int k = 0; k < kSliceWarps; ++k) {
+      for (int k = 0; k < WARPS; ++k) {
         a0 += sums[buf][k][q][0];
         a1 += sums[buf][k][q][1];
       }
@@ -422,7 +428,7 @@ __global__ void __launch_bounds__(kSliceThreads)
     cur = next;
   }
   if (epilogue == GemvEpilogue::accumulate && norm_out.inv_rms != nullptr) {
-    last_block_norm<kSliceThreads, 1>(n_out, norm_out, scratch);
+    last_block_norm<THREADS, 1>(n_out, norm_out, scratch);
   }
 }
 
@@ -460,28 +466,52 @@ bool slice_path(DType weight_type, int64_t n_in, int32_t n_tokens) {
   return input_pieces(weight_type, n_in) <= int64_t{kSliceMaxPieces} * kSliceThreads;
 }
 
-// Launches the single-token kernel on as many blocks as are resident at once.
+// Blocks of `kernel` (threads each) resident on one SM, asked once per kernel.
+int slice_blocks_per_sm(const void* kernel, int threads) {
+  static thread_local std::vector<std::pair<const void*, int>> known;
+  for (const auto& [k, n] : known) {
+    if (k == kernel) return n;
+  }
+  int per_sm = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  known.emplace_back(kernel, std::max(per_sm, 1));
+  return known.back().second;
+}
+
+// Launches the single-token kernel on as many blocks as are resident at once. Rows longer than
+// kSliceWidePieces pieces per thread of a 256-thread block take 512-thread blocks instead: the
+// long rows' registers (both steps' weights and the input pieces) would hold a 256-thread block
+// to one an SM.
 void launch_slice(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
                   GemvEpilogue epilogue, void* y, const GemvRope& rope, const GemvNormOut& norm_out,
                   cudaStream_t stream) {
   const int64_t n_pairs = pair_count(epilogue, n_out);
-  const auto per_thread = static_cast<int32_t>((input_pieces(weight_type, n_in) + kSliceThreads - 1) / kSliceThreads);
+  const int64_t pieces = input_pieces(weight_type, n_in);
+  static const bool exp_wide = !std::getenv("DEN_EXP_NARROW");  // EXP
+  const bool wide = exp_wide && pieces > int64_t{kSliceWidePieces} * kSliceThreads;  // EXP
+  const int threads = wide ? 2 * kSliceThreads : kSliceThreads;
+  const auto per_thread = static_cast<int32_t>((pieces + threads - 1) / threads);
   dispatch_half_types(weight_type, [&](auto tag) {
     using T = decltype(tag);
     dispatch_count_1_to_8(per_thread, "gemv: input pieces per thread", [&](auto p_tag) {
       constexpr int P = decltype(p_tag)::value;
       auto run = [&](auto kernel) {
-        static thread_local int per_sm = 0;
-        if (per_sm == 0) check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSliceThreads, 0));
-        const int64_t resident = int64_t{sm_count()} * std::max(per_sm, 1);
+        const int64_t resident = int64_t{sm_count()} * slice_blocks_per_sm(reinterpret_cast<const void*>(kernel), threads);
         const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, n_pairs)));
-        launch_chained(kernel, dim3(grid), dim3(kSliceThreads), 0, stream, static_cast<const T*>(weights), n_in, n_out,
+        launch_chained(kernel, dim3(grid), dim3(threads), 0, stream, static_cast<const T*>(weights), n_in, n_out,
                        input, epilogue, y, rope, norm_out);
       };
-      if (input.norm_weight != nullptr) {
-        run(gemv_slice_kernel<T, P, true>);
+      const bool normed = input.norm_weight != nullptr;
+      if (wide) {
+        // Wide rows have at most kSliceMaxPieces * kSliceThreads pieces: kSliceWidePieces each.
+        if constexpr (P <= kSliceWidePieces) {
+          normed ? run(gemv_slice_kernel<T, P, true, 2 * kSliceThreads>)
+                 : run(gemv_slice_kernel<T, P, false, 2 * kSliceThreads>);
+        } else {
+          throw std::logic_error("gemv: a wide row with more pieces per thread than the wide kernel holds");
+        }
       } else {
-        run(gemv_slice_kernel<T, P, false>);
+        normed ? run(gemv_slice_kernel<T, P, true, kSliceThreads>) : run(gemv_slice_kernel<T, P, false, kSliceThreads>);
       }
     });
   }, "gemv: the single-token path's weight type");
