@@ -5,7 +5,6 @@
 // finishes token t's epilogue: no block barrier per pair.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>  // EXP
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -292,9 +291,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Single-token products (the batch-1 decode step, where every weight byte is read for one
-// token): a block of 256 threads owns a contiguous range of pairs, so blocks differ by at most one
-// pair (whole-row work per warp left a ragged last wave: 3,072 Q/K/V pairs over 2,112 warps).
-// Thread t owns the input pieces t, t + 256, ... (P of them) for the whole kernel, held in
+// token): a block of 256 threads (512 for rows of over 1024 pieces) owns a contiguous range of
+// pairs, so blocks differ by at most one pair (whole-row work per warp left a ragged last wave:
+// 3,072 Q/K/V pairs over 2,112 warps). Thread t owns the input pieces t, t + THREADS, ... (P of
+// them) for the whole kernel, held in
 // registers (normalized once, in fp32, when there is a norm; else packed as loaded), so the inner
 // loop streams weights only. PAIRS pairs (2 * PAIRS rows) are in flight per step, the next step's
 // loads issued before this step's sums; each step's per-warp sums meet in shared memory (double
@@ -487,8 +487,7 @@ void launch_slice(const void* weights, DType weight_type, int64_t n_in, int64_t 
                   cudaStream_t stream) {
   const int64_t n_pairs = pair_count(epilogue, n_out);
   const int64_t pieces = input_pieces(weight_type, n_in);
-  static const bool exp_wide = !std::getenv("DEN_EXP_NARROW");  // EXP
-  const bool wide = exp_wide && pieces > int64_t{kSliceWidePieces} * kSliceThreads;  // EXP
+  const bool wide = pieces > int64_t{kSliceWidePieces} * kSliceThreads;
   const int threads = wide ? 2 * kSliceThreads : kSliceThreads;
   const auto per_thread = static_cast<int32_t>((pieces + threads - 1) / threads);
   dispatch_half_types(weight_type, [&](auto tag) {

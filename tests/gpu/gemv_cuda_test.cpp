@@ -48,7 +48,9 @@ TEST_CASE("gemv_cuda matches gemv_ref: store, accumulate, swiglu, with and witho
   std::mt19937 rng(61);
   for (DType t : {DType::bf16, DType::f16, DType::f32}) {
     for (int32_t n_tokens : {1, 3, 8}) {
-      for (auto [n_in, n_out] : {std::pair<int64_t, int64_t>{1000, 37}, {4096, 1002}, {576, 2 * 1536}}) {
+      // 14336 and 9000 inputs: rows of more than 1024 16-byte pieces, which batch 1 runs on 512-thread blocks.
+      for (auto [n_in, n_out] : {std::pair<int64_t, int64_t>{1000, 37}, {4096, 1002}, {576, 2 * 1536}, {14336, 74},
+                                 {9000, 38}}) {
         for (GemvEpilogue e : {GemvEpilogue::store, GemvEpilogue::accumulate, GemvEpilogue::swiglu}) {
           if (e == GemvEpilogue::swiglu && n_out % 2 != 0) continue;
           for (bool norm : {false, true}) {
