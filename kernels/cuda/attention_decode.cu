@@ -18,6 +18,7 @@
 
 #include "attention_common.cuh"
 #include "count_dispatch.h"
+#include "device_query.h"
 #include "den/kernels/attention.h"
 #include "den/kernels/cuda_check.h"
 #include "pdl.cuh"
@@ -392,17 +393,6 @@ __global__ void __launch_bounds__(kThreads)
     dst[2] = from_float<T>(a[j].z * inv);
     dst[3] = from_float<T>(a[j].w * inv);
   }
-}
-
-int sm_count() {
-  static thread_local int device = -1, count = 0;
-  int current = 0;
-  check(cudaGetDevice(&current));
-  if (current != device) {
-    check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current));
-    device = current;
-  }
-  return count;
 }
 
 // The shared-memory carveout (percent of the SM's maximum) that holds `blocks` blocks of

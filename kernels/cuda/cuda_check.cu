@@ -1,6 +1,9 @@
 // check(): CUDA status to exception, with the call site in the message.
 #include "den/kernels/cuda_check.h"
 
+#include "device_query.h"
+#include "pdl.cuh"
+
 namespace den::kernels {
 
 void check(cudaError_t status, std::source_location where) {
@@ -62,6 +65,17 @@ bool pdl_supported() {
     cached_device = device;
   }
   return cached;
+}
+
+int sm_count() {
+  static thread_local int cached_device = -1, count = 0;
+  int device = 0;
+  check(cudaGetDevice(&device));
+  if (device != cached_device) {
+    check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    cached_device = device;
+  }
+  return count;
 }
 
 }  // namespace den::kernels

@@ -13,6 +13,7 @@
 #include "den/kernels/gemv.h"
 
 #include "count_dispatch.h"
+#include "device_query.h"
 #include "device_types.cuh"
 #include "pdl.cuh"
 
@@ -447,17 +448,6 @@ __global__ void rms_kernel(const float* __restrict__ x, int64_t n, float eps, fl
     for (int k = 0; k < static_cast<int>(blockDim.x) / 32; ++k) total += sums[k];
     inv_rms[blockIdx.x] = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
   }
-}
-
-int sm_count() {
-  static thread_local int device = -1, count = 0;
-  int current = 0;
-  check(cudaGetDevice(&current));
-  if (current != device) {
-    check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current));
-    device = current;
-  }
-  return count;
 }
 
 // Whether the single-token kernel takes this product (half types, n_in within its pieces).
