@@ -295,9 +295,8 @@ __global__ void __launch_bounds__(kThreads)
 // token): a block of 256 threads (512 for rows of over 1024 pieces) owns a contiguous range of
 // pairs, so blocks differ by at most one pair (whole-row work per warp left a ragged last wave:
 // 3,072 Q/K/V pairs over 2,112 warps). Thread t owns the input pieces t, t + THREADS, ... (P of
-// them) for the whole kernel, held in
-// registers (normalized once, in fp32, when there is a norm; else packed as loaded), so the inner
-// loop streams weights only. PAIRS pairs (2 * PAIRS rows) are in flight per step, the next step's
+// them) for the whole kernel, held in registers (normalized once, in fp32, when there is a norm;
+// else packed as loaded), so the inner loop streams weights only. PAIRS pairs (2 * PAIRS rows) are in flight per step, the next step's
 // loads issued before this step's sums; each step's per-warp sums meet in shared memory (double
 // buffered: one barrier per step) and one thread per pair finishes its epilogue.
 constexpr int kSliceThreads = 256;
