@@ -4,7 +4,8 @@
 // or crashed by a random failpoint (memory/failpoints.h), restarted, and checked against an
 // oracle this process keeps of everything the daemon acknowledged:
 //   - every acknowledged session exists with its acknowledged history (a request in flight at
-//     the kill may or may not have landed), every acknowledged delete stays deleted;
+//     the kill may or may not have landed; only a delete in flight may have removed it), every
+//     acknowledged delete stays deleted;
 //   - resumed sessions continue exactly: the next token's log-probabilities equal those of a
 //     fresh session that recomputes the same history, and checkpointed KV is reused;
 //   - every acknowledged agent message is handled exactly once, its timer fires exactly once.
@@ -87,6 +88,7 @@ struct SessionOracle {
   bool created = false;         // acknowledged
   bool deleted = false;         // acknowledged
   bool in_flight = false;       // a request was sent and not answered (or answered with an error)
+  bool delete_in_flight = false;  // a delete was sent and not acknowledged: it may have landed
   std::vector<int64_t> tokens;  // a known prefix of the acknowledged history (the ids, as last read)
   size_t length = 0;            // the acknowledged history's length
   int64_t checkpointed_kv = 0;  // KV tokens the last acknowledged checkpoint/hibernate holds
@@ -283,7 +285,7 @@ class Soak {
       }
       ++tally_.sessions_verified;
       if (!got) {
-        if (o.created && !o.deleted && !o.in_flight) {
+        if (o.created && !o.deleted && !o.delete_in_flight) {
           ++tally_.lost;
           problem("session " + name + " was acknowledged and is gone (epoch " + std::to_string(tally_.epochs) +
                   "; its last requests: " + o.history() + ")");
@@ -309,6 +311,7 @@ class Soak {
       o.length = ids.size();
       o.created = true;
       o.in_flight = false;
+      o.delete_in_flight = false;  // it is there: an unacknowledged delete did not land
       if (compared < 2 && got->at("checkpoint").at("generation").to_number<int64_t>() > 0 && ids.size() > 1) {
         ++compared;
         compare_with_recompute(client, name, o);
@@ -417,6 +420,7 @@ class Soak {
       std::string created;  // the session this request makes, if any
       if (name.empty() || (dice < 8 && mine.size() < 6)) {
         method = "sessions/create";
+        name.clear();  // a create touches no other session (it once cleared a picked one's in-flight mark)
         created = "w" + std::to_string(worker) + "-" + std::to_string(next_session_++);
         params = {{"name", created}};
       } else if (dice < 40) {
@@ -453,6 +457,7 @@ class Soak {
         }
         if (!name.empty()) {
           sessions_[name].in_flight = true;
+          if (method == "sessions/delete") sessions_[name].delete_in_flight = true;
           sessions_[name].note(epoch + method + " sent");
         }
       }
@@ -488,7 +493,10 @@ class Soak {
         o.created = true;
         o.in_flight = false;
         o.length = static_cast<size_t>(result.at("tokens").to_number<int64_t>());
-        if (!name.empty()) sessions_[name].in_flight = false;
+        if (!name.empty()) {  // a fork: it copied the source's whole history, which is now known
+          sessions_[name].length = o.length;
+          sessions_[name].in_flight = false;
+        }
         continue;
       }
       SessionOracle& o = sessions_[name];
