@@ -92,9 +92,9 @@ struct SessionOracle {
   std::vector<int64_t> tokens;  // a known prefix of the acknowledged history (the ids, as last read)
   size_t length = 0;            // the acknowledged history's length
   int64_t checkpointed_kv = 0;  // KV tokens the last acknowledged checkpoint/hibernate holds
-  std::vector<std::string> ops; // the last requests on it and how they ended, for a report
+  std::vector<std::string> ops; // the last 32 requests on it and how they ended, for a report
   void note(std::string op) {
-    if (ops.size() >= 12) ops.erase(ops.begin());
+    if (ops.size() >= 32) ops.erase(ops.begin());
     ops.push_back(std::move(op));
   }
   std::string history() const {
