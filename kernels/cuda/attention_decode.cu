@@ -395,8 +395,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The shared-memory carveout (percent of the SM's maximum) that holds `blocks` blocks of
-// `block_bytes` each; the driver rounds it up to a configuration the SM supports.
+// The SM's shared memory and what the driver reserves for each block.
 struct SmemLimits {
   size_t per_sm = 0, reserved_per_block = 0;
 };
@@ -407,6 +406,8 @@ SmemLimits smem_limits() {
   check(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
   return {static_cast<size_t>(per_sm), static_cast<size_t>(reserved)};
 }
+// The shared-memory carveout (percent of the SM's maximum) that holds `blocks` blocks of
+// `block_bytes` each; the driver rounds it up to a configuration the SM supports.
 int carveout_percent(int blocks, size_t block_bytes) {
   const SmemLimits limits = smem_limits();
   const size_t need = static_cast<size_t>(blocks) * (block_bytes + limits.reserved_per_block);
