@@ -1,19 +1,20 @@
 // Decode attention over paged KV on tensor cores (f16/bf16, head_dim 64 or 128), one query
 // token per sequence. The G query heads that share a KV head are the rows of one 16-row mma
-// tile (the rest zero), so every K and V row is read once for the whole group. A block of 4
-// warps handles (KV head, split, sequence); each warp walks tiles of 16 positions of the split
-// (warp w takes tiles w, w + 4, ...), gathering them through the block table into its own
-// double-buffered shared memory with cp.async (loads of tile i + 1 in flight while tile i is
-// computed; positions past the end are zero-filled), S = Q K^T and O += P V as m16n8k16 mma,
-// online softmax in the log2 domain. The 4 warps' states merge through shared memory; splits of
-// a sequence write partial (max, sum, accumulator) states and the last block to finish a
-// (sequence, KV head) merges them (a counter per pair, reset by that block). Block-table
-// entries are looked up a tile ahead of the copies that need them.
+// tile (the rest zero), so every K and V row is read once for the whole group. A block of W
+// warps (4, or 8 in a sparse grid) handles (KV head, split, sequence); each warp walks tiles of
+// 16 positions of the split (warp w takes tiles w, w + W, ...), gathering them through the block
+// table into its own double-buffered shared memory with cp.async (loads of tile i + 1 in flight
+// while tile i is computed; positions past the end are zero-filled), S = Q K^T and O += P V as
+// m16n8k16 mma, online softmax in the log2 domain. The W warps' states merge through shared
+// memory; splits of a sequence write partial (max, sum, accumulator) states and the last block
+// to finish a (sequence, KV head) merges them (a counter per pair, reset by that block).
+// Block-table entries are looked up a tile ahead of the copies that need them.
 // Each block sizes its split from its own sequence's length (decode_split): a captured decode
 // graph fixes only the grid, so the splits of every step cover the context evenly, with no
 // empty blocks past its end.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <cuda/atomic>
 
 #include "attention_common.cuh"
@@ -26,29 +27,29 @@
 namespace den::kernels {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
+constexpr int kWarps = 4;  // a dense grid's blocks
+constexpr int kSparseWarps = 8;  // a sparse grid's blocks: one tile a warp at the shortest split
 constexpr int kTile = kDecodeTile;  // positions per warp tile
 constexpr int kMaxSplits = 128;
 
-template <int HD>
+template <int HD, int W>
 struct DecodeSmem {
   static constexpr int kStride = HD + 8;  // padded rows: ldmatrix's eight rows on distinct banks
   static constexpr size_t kQ = 16 * kStride;
   static constexpr size_t kTileElems = kTile * kStride;
   // Q, then per warp 2 stages of (K tile, V tile); afterwards reused for the warps' merge.
-  static constexpr size_t kElems = kQ + size_t{kWarps} * 2 * 2 * kTileElems;
+  static constexpr size_t kElems = kQ + size_t{W} * 2 * 2 * kTileElems;
 };
 
-// kSparse: the same kernel as a second function, whose shared-memory carveout asks for one
-// block's worth per SM (see with_decode_kernel).
-template <typename T, int HD, int G, bool kSparse>
-__global__ void __launch_bounds__(kThreads)
+// W warps a block: kWarps in a dense grid, kSparseWarps in a sparse one (see with_decode_kernel).
+template <typename T, int HD, int G, int W>
+__global__ void __launch_bounds__(W * 32)
     decode_attention_kernel(const T* __restrict__ q, T* __restrict__ out, PagedKvView kv, PagedBatch batch,
                             const DecodeEntry* __restrict__ decode, int32_t layer, int32_t n_heads,
                             float scale_log2, int32_t min_split_tokens, int32_t n_splits, float* __restrict__ partial,
                             int32_t* __restrict__ counters) {
-  using Smem = DecodeSmem<HD>;
+  using Smem = DecodeSmem<HD, W>;
+  constexpr int kBlockThreads = W * 32;
   constexpr int STRIDE = Smem::kStride;
   constexpr int CHUNKS = HD / 8;  // 16-byte pieces per row
   pdl_allow_next();
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_16(Vs(st) + r * STRIDE + ch * 8, valid ? src + v_offset : pool, valid);
     }
   };
-  const int tile_stride = kWarps * kTile;
+  const int tile_stride = W * kTile;
   const int first_tile = begin + warp * kTile;
 
   // Only the newest position's K/V is the previous kernel's output (the Q/K/V product writes
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_commit();
   }
   pdl_wait();
-  for (int c = threadIdx.x; c < 16 * CHUNKS; c += kThreads) {
+  for (int c = threadIdx.x; c < 16 * CHUNKS; c += kBlockThreads) {
     const int r = c / CHUNKS, ch = c % CHUNKS;
     const bool valid = r < G;
     const T* src = valid ? q + (static_cast<int64_t>(token) * n_heads + kv_head * G + r) * HD + ch * 8 : q;
@@ -251,9 +252,9 @@ __global__ void __launch_bounds__(kThreads)
 
   // Merge the 4 warps (rows < G only) through shared memory, reusing the tile buffers.
   __syncthreads();
-  float* merge_o = reinterpret_cast<float*>(smem_raw);  // [kWarps][G][HD]
-  float* merge_m = merge_o + kWarps * G * HD;            // [kWarps][G]
-  float* merge_l = merge_m + kWarps * G;                 // [kWarps][G]
+  float* merge_o = reinterpret_cast<float*>(smem_raw);  // [W][G][HD]
+  float* merge_m = merge_o + W * G * HD;            // [W][G]
+  float* merge_l = merge_m + W * G;                 // [W][G]
   const int row0 = lane / 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -271,13 +272,13 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  __shared__ float run_max[G], run_sum[G], warp_scale[kWarps][G];
+  __shared__ float run_max[G], run_sum[G], warp_scale[W][G];
   if (threadIdx.x < G) {
     const int g = threadIdx.x;
     float mm = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, merge_m[w * G + g]);
+    for (int w = 0; w < W; ++w) mm = fmaxf(mm, merge_m[w * G + g]);
     float ll = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < W; ++w) {
       const float f = mm == -INFINITY || merge_m[w * G + g] == -INFINITY ? 0.0f : exp2f(merge_m[w * G + g] - mm);
       warp_scale[w][g] = f;
       ll += merge_l[w * G + g] * f;
@@ -291,11 +292,11 @@ __global__ void __launch_bounds__(kThreads)
   // the same order, so the merge below reads accumulators as aligned float4.
   const int64_t head_row0 = (static_cast<int64_t>(d) * n_heads + kv_head * G) * n_splits;  // (g 0, split 0)
   float2* split_states = reinterpret_cast<float2*>(partial + static_cast<int64_t>(gridDim.z) * n_heads * n_splits * HD);
-  for (int e = threadIdx.x; e < G * HD; e += kThreads) {
+  for (int e = threadIdx.x; e < G * HD; e += kBlockThreads) {
     const int g = e / HD, col = e % HD;
     float total = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += merge_o[(w * G + g) * HD + col] * warp_scale[w][g];
+    for (int w = 0; w < W; ++w) total += merge_o[(w * G + g) * HD + col] * warp_scale[w][g];
     if (single) {
       out[(static_cast<int64_t>(token) * n_heads + kv_head * G + g) * HD + col] =
           from_float<T>(run_sum[g] > 0.0f ? total / run_sum[g] : 0.0f);
@@ -325,7 +326,7 @@ __global__ void __launch_bounds__(kThreads)
   // pairs are loaded beside them, so a chunk costs one round trip whatever its size, without
   // holding registers. Each thread owns quads of head rows and merges them with a running max.
   constexpr int QUADS = HD / 4;
-  constexpr int kOwned = (G * QUADS + kThreads - 1) / kThreads;
+  constexpr int kOwned = (G * QUADS + kBlockThreads - 1) / kBlockThreads;
   constexpr int kChunk = static_cast<int>(Smem::kElems * sizeof(T) / ((HD * sizeof(float) + sizeof(float2)) * G));
   static_assert(kChunk >= 1, "merge chunk");
   float* chunk_acc = reinterpret_cast<float*>(smem_raw);                      // [kChunk][G][HD]
@@ -340,13 +341,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int first = 0; first < used; first += kChunk) {
     const int n = min(kChunk, used - first);
-    for (int i = threadIdx.x; i < n * G * QUADS; i += kThreads) {
+    for (int i = threadIdx.x; i < n * G * QUADS; i += kBlockThreads) {
       const int sp = i / (G * QUADS), g = (i / QUADS) % G, quad = i % QUADS;
       const float* src = partial + (head_row0 + static_cast<int64_t>(g) * n_splits + first + sp) * HD + quad * 4;
       cp_async_16(chunk_acc + (sp * G + g) * HD + quad * 4, src, true);
     }
     cp_async_commit();
-    for (int i = threadIdx.x; i < n * G; i += kThreads) {
+    for (int i = threadIdx.x; i < n * G; i += kBlockThreads) {
       const int sp = i / G, g = i % G;
       chunk_state[i] = __ldcg(split_states + head_row0 + static_cast<int64_t>(g) * n_splits + first + sp);
     }
@@ -354,7 +355,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kOwned; ++j) {
-      const int e = threadIdx.x + j * kThreads;
+      const int e = threadIdx.x + j * kBlockThreads;
       if (e >= G * QUADS) break;
       const int g = e / QUADS, quad = e % QUADS;
       float chunk_max = mm[j];
@@ -383,7 +384,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int j = 0; j < kOwned; ++j) {
-    const int e = threadIdx.x + j * kThreads;
+    const int e = threadIdx.x + j * kBlockThreads;
     if (e >= G * QUADS) break;
     const int g = e / QUADS, quad = e % QUADS;
     T* dst = out + (static_cast<int64_t>(token) * n_heads + kv_head * G + g) * HD + quad * 4;
@@ -431,11 +432,12 @@ size_t block_shared_bytes(Kernel kernel, size_t dynamic_bytes) {
   return dynamic_bytes + attributes.sharedSizeBytes;
 }
 
-// Calls f(kernel, dynamic shared memory, tag of T) with the decode kernel instance for (dtype,
-// head_dim, group), its shared memory and carveout set: the one place that picks an instance.
-// A sparse grid (no more blocks than SMs: batch 1 at short contexts) runs the kSparse instance,
-// whose carveout holds one block, so the SM keeps most of its L1 for the products around it
-// (8B batch 1 at 1K: +0.4 to +1.3 points of the floor, 1B +2); a dense grid runs the other, its
+// Calls f(kernel, dynamic shared memory, threads, tag of T) with the decode kernel instance for
+// (dtype, head_dim, group), its shared memory and carveout set: the one place that picks an
+// instance. A sparse grid (no more blocks than SMs: batch 1 at short contexts) runs 8-warp
+// blocks, so a 128-position split is one tile a warp instead of two (8B batch 1 at 1K: +0.9
+// points of the floor, 1B +1.7), with a carveout that holds one block, so the SM keeps most of
+// its L1 for the products around it (+0.4 to +1.3 and +2); a dense grid runs 4-warp blocks, its
 // carveout sized by dense_blocks_per_sm.
 template <typename F>
 void with_decode_kernel(DType dtype, int32_t head_dim, int32_t group, bool sparse, F&& f) {
@@ -445,30 +447,29 @@ void with_decode_kernel(DType dtype, int32_t head_dim, int32_t group, bool spars
       constexpr int HD = decltype(hd_tag)::value;
       dispatch_count_1_to_8(group, "decode attention: query heads per KV head", [&](auto g_tag) {
         constexpr int G = decltype(g_tag)::value;
-        constexpr size_t smem = DecodeSmem<HD>::kElems * sizeof(T);
-        static_assert(smem >= (kWarps * G * HD + 2 * kWarps * G) * sizeof(float), "merge space");
         // Attributes are set once per thread and device for each instance (launches in eager
         // steps would otherwise repeat them every layer).
         static thread_local int configured_device[2] = {-1, -1};
-        auto set_up = [&](auto kernel, bool one_block) {
+        auto run = [&](auto kernel, auto w_tag, bool one_block, int slot) {
+          constexpr int W = decltype(w_tag)::value;
+          constexpr size_t smem = DecodeSmem<HD, W>::kElems * sizeof(T);
+          static_assert(smem >= (W * G * HD + 2 * W * G) * sizeof(float), "merge space");
           int device = 0;
           check(cudaGetDevice(&device));
-          if (configured_device[one_block] == device) return;
-          check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-          const size_t block_bytes = block_shared_bytes(kernel, smem);
-          const int blocks = one_block ? 1 : dense_blocks_per_sm(block_bytes);
-          check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                     carveout_percent(blocks, block_bytes)));
-          configured_device[one_block] = device;
+          if (configured_device[slot] != device) {
+            check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+            const size_t block_bytes = block_shared_bytes(kernel, smem);
+            const int blocks = one_block ? 1 : dense_blocks_per_sm(block_bytes);
+            check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       carveout_percent(blocks, block_bytes)));
+            configured_device[slot] = device;
+          }
+          f(kernel, smem, W * 32, tag);
         };
         if (sparse) {
-          auto kernel = decode_attention_kernel<T, HD, G, true>;
-          set_up(kernel, true);
-          f(kernel, smem, tag);
+          run(decode_attention_kernel<T, HD, G, kSparseWarps>, std::integral_constant<int, kSparseWarps>{}, true, 1);
         } else {
-          auto kernel = decode_attention_kernel<T, HD, G, false>;
-          set_up(kernel, false);
-          f(kernel, smem, tag);
+          run(decode_attention_kernel<T, HD, G, kWarps>, std::integral_constant<int, kWarps>{}, false, 0);
         }
       });
     });
@@ -480,8 +481,8 @@ void with_decode_kernel(DType dtype, int32_t head_dim, int32_t group, bool spars
 int64_t decode_attention_resident_blocks(DType kv_dtype, int32_t head_dim, int32_t group) {
   if (!attention_fast_path(kv_dtype, head_dim)) return 0;
   int per_sm = 0;
-  with_decode_kernel(kv_dtype, head_dim, group, false, [&](auto kernel, size_t smem, auto) {
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  with_decode_kernel(kv_dtype, head_dim, group, false, [&](auto kernel, size_t smem, int threads, auto) {
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
     per_sm = std::min(per_sm, dense_blocks_per_sm(block_shared_bytes(kernel, smem)));
   });
   return int64_t{std::max(per_sm, 1)} * sm_count();
@@ -506,9 +507,10 @@ void decode_attention_launch(const void* q, void* out, const PagedKvView& kv, co
   int32_t* counters = reinterpret_cast<int32_t*>(plan.partial);
   float* partial = reinterpret_cast<float*>(reinterpret_cast<char*>(plan.partial) + kAttentionCounterBytes);
   const bool sparse = int64_t{grid.x} * grid.y * grid.z <= sm_count();
-  with_decode_kernel(kv.layout.dtype, kv.layout.head_dim, group, sparse, [&](auto kernel, size_t smem, auto tag) {
+  with_decode_kernel(kv.layout.dtype, kv.layout.head_dim, group, sparse,
+                     [&](auto kernel, size_t smem, int threads, auto tag) {
     using T = decltype(tag);
-    launch_chained(kernel, grid, dim3(kThreads), smem, stream, static_cast<const T*>(q), static_cast<T*>(out), kv,
+    launch_chained(kernel, grid, dim3(threads), smem, stream, static_cast<const T*>(q), static_cast<T*>(out), kv,
                    batch, plan.decode, layer, n_heads, scale_log2, plan.min_split_tokens, plan.n_splits, partial,
                    counters);
     check_launch();
