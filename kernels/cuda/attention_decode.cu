@@ -250,11 +250,11 @@ __global__ void __launch_bounds__(W * 32)
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
 
-  // Merge the 4 warps (rows < G only) through shared memory, reusing the tile buffers.
+  // Merge the W warps (rows < G only) through shared memory, reusing the tile buffers.
   __syncthreads();
   float* merge_o = reinterpret_cast<float*>(smem_raw);  // [W][G][HD]
-  float* merge_m = merge_o + W * G * HD;            // [W][G]
-  float* merge_l = merge_m + W * G;                 // [W][G]
+  float* merge_m = merge_o + W * G * HD;                 // [W][G]
+  float* merge_l = merge_m + W * G;                      // [W][G]
   const int row0 = lane / 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

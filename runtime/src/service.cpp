@@ -126,14 +126,43 @@ struct Service::Call {
     }
     if (answered.exchange(true)) return;
     busy.reset();
+    log_session_change(&result, nullptr);
     replier->result(std::move(result));
     service->request_done(false);
   }
   void fail(const Error& error) {
     if (answered.exchange(true)) return;
     busy.reset();
+    log_session_change(nullptr, &error);
     replier->error(error);
     service->request_done(true);
+  }
+  // At debug level, one line per answer to a request that changes a session: what was asked and
+  // what the client was told, so a kept log can tell a change the client saw acknowledged from
+  // one it saw refused (a refusal after the change landed included: sessions.before_ack).
+  void log_session_change(const json::value* result, const Error* error) const {
+    if (!changes_a_session() || log_level() != LogLevel::debug) return;
+    const json::object& p = request.params;
+    const auto text = [](const json::value* v) {
+      if (v == nullptr) return std::string("-");
+      return v->is_string() ? std::string(v->as_string()) : json::serialize(*v);
+    };
+    // The session the answer names: a create's or fork's new one ({"id": ...}), or {"session":
+    // {"id": ...}} as most other methods answer.
+    const json::value* answered_session = nullptr;
+    if (result != nullptr && result->is_object()) {
+      const json::object& r = result->as_object();
+      answered_session = r.if_contains("id");
+      if (const json::value* s = r.if_contains("session"); answered_session == nullptr && s != nullptr && s->is_object()) {
+        answered_session = s->as_object().if_contains("id");
+      }
+    }
+    log_debug("session request answered",
+              {{"method", request.method}, {"request", json::serialize(request.id)},
+               {"session", text(p.if_contains("session"))}, {"name", text(p.if_contains("name"))},
+               {"outcome", error == nullptr ? "ok" : "error " + std::to_string(error->code())},
+               {"answered_session", text(answered_session)},
+               {"error", error == nullptr ? std::string("-") : error->what()}});
   }
 };
 

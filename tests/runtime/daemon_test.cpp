@@ -14,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <sstream>
 #include <thread>
 
 #include "daemon_process.h"
@@ -598,6 +599,37 @@ TEST_CASE("daemon tells systemd it is ready and stopping") {
   ::close(fd);
   CHECK(received.find("READY=1") != std::string::npos);
   CHECK(received.find("STOPPING=1") != std::string::npos);
+}
+
+TEST_CASE("daemon logs each answer to a session change at debug level, and none at info") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  const std::string line = "msg=\"session request answered\"";
+  DaemonProcess debug(stories_daemon_args({"--log-level", "debug"}));
+  {
+    DaemonClient client(debug.socket_path());
+    const std::string id = client.call("sessions/create", {{"name", "a"}}).at("id").as_string().c_str();
+    client.call("sessions/append", {{"session", "a"}, {"text", "The cat"}});
+    CHECK_THROWS_AS(client.call("sessions/append", {{"session", "missing"}, {"text", "x"}}), RpcCallError);
+    client.call("sessions/list");  // reads change nothing: no line
+    const std::string log = debug.log();
+    std::vector<std::string> lines;
+    std::istringstream in(log);
+    for (std::string l; std::getline(in, l);) {
+      if (l.find(line) != std::string::npos) lines.push_back(l);
+    }
+    REQUIRE(lines.size() == 3);
+    CHECK(lines[0].find("method=sessions/create") != std::string::npos);
+    CHECK(lines[0].find("outcome=ok") != std::string::npos);
+    CHECK(lines[0].find("answered_session=" + id) != std::string::npos);  // the session it made
+    CHECK(lines[1].find("method=sessions/append") != std::string::npos);
+    CHECK(lines[1].find("outcome=ok") != std::string::npos);
+    CHECK(lines[2].find("outcome=\"error ") != std::string::npos);
+    CHECK(lines[2].find("missing") != std::string::npos);
+  }
+  DaemonProcess info(stories_daemon_args());
+  DaemonClient client(info.socket_path());
+  client.call("sessions/create", {{"name", "a"}});
+  CHECK(info.log().find(line) == std::string::npos);
 }
 
 TEST_CASE("daemon shuts down on daemon/shutdown with exit code 0") {

@@ -575,6 +575,11 @@ TEST_CASE("soak - random SIGKILLs and failpoint crashes under a mixed workload l
 
   TempDir dir;
   std::vector<std::string> args = {"-m", stories_model(), "--backend", test_daemon_backend(), "--threads", "1"};
+  // DEN_SOAK_LOG_LEVEL=debug (scripts/soak's default) logs every answer to a session change, so
+  // the log kept after a problem shows what the client was told about the session in question.
+  if (const char* level = std::getenv("DEN_SOAK_LOG_LEVEL"); level != nullptr && *level != '\0') {
+    args.insert(args.end(), {"--log-level", level});
+  }
   const std::string counter = dir.file("tool-calls");
   if (have_tools) {
     write_file(dir.file("den.yaml"), "tools:\n  - name: counter\n    command: [\"python3\", \"" +
