@@ -450,26 +450,26 @@ void with_decode_kernel(DType dtype, int32_t head_dim, int32_t group, bool spars
         // Attributes are set once per thread and device for each instance (launches in eager
         // steps would otherwise repeat them every layer).
         static thread_local int configured_device[2] = {-1, -1};
-        auto run = [&](auto kernel, auto w_tag, bool one_block, int slot) {
+        auto run = [&](auto kernel, auto w_tag, bool one_block) {
           constexpr int W = decltype(w_tag)::value;
           constexpr size_t smem = DecodeSmem<HD, W>::kElems * sizeof(T);
           static_assert(smem >= (W * G * HD + 2 * W * G) * sizeof(float), "merge space");
           int device = 0;
           check(cudaGetDevice(&device));
-          if (configured_device[slot] != device) {
+          if (configured_device[one_block] != device) {
             check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
             const size_t block_bytes = block_shared_bytes(kernel, smem);
             const int blocks = one_block ? 1 : dense_blocks_per_sm(block_bytes);
             check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                        carveout_percent(blocks, block_bytes)));
-            configured_device[slot] = device;
+            configured_device[one_block] = device;
           }
           f(kernel, smem, W * 32, tag);
         };
         if (sparse) {
-          run(decode_attention_kernel<T, HD, G, kSparseWarps>, std::integral_constant<int, kSparseWarps>{}, true, 1);
+          run(decode_attention_kernel<T, HD, G, kSparseWarps>, std::integral_constant<int, kSparseWarps>{}, true);
         } else {
-          run(decode_attention_kernel<T, HD, G, kWarps>, std::integral_constant<int, kWarps>{}, false, 0);
+          run(decode_attention_kernel<T, HD, G, kWarps>, std::integral_constant<int, kWarps>{}, false);
         }
       });
     });
