@@ -60,11 +60,26 @@ __device__ __forceinline__ void pair_weights(const T* w, GemvEpilogue e, int64_t
   w1 = w + (r1 < n_out ? r1 : r0) * n_in;
 }
 
-// The epilogue of one pair for token t, given its two sums.
+// Where the rope_store epilogue puts token t: its position and its K and V rows in the pool.
+// Only the step's plan goes into it (no kernel writes that), so it can be looked up before
+// pdl_wait(): three dependent loads off the epilogue's path.
+struct RopeTarget {
+  int position = 0;
+  int64_t k = 0, v = 0;  // element offsets of the token's K and V rows of this layer
+};
+__device__ __forceinline__ RopeTarget rope_target(const GemvRope& rope, int t) {
+  const int position = rope.batch.token_pos[t];
+  const int seq = rope.batch.token_seq[t];
+  const int bt = rope.kv.layout.block_tokens;
+  const int block = rope.batch.block_tables[rope.batch.table_offsets[seq] + position / bt];
+  return {position, rope.kv.offset(block, rope.layer, 0, position % bt), rope.kv.offset(block, rope.layer, 1, position % bt)};
+}
+
+// The epilogue of one pair for token t, given its two sums (target and inv_freq: rope_store only).
 template <typename T>
 __device__ __forceinline__ void finish_pair(GemvEpilogue epilogue, int t, int64_t pair, const int64_t* r, bool second,
                                             float a0, float a1, int64_t n_out, void* y, const GemvRope& rope,
-                                            const GemvNormOut& norm_out) {
+                                            const RopeTarget& target, const float* inv_freq) {
   switch (epilogue) {
     case GemvEpilogue::store: {
       float* out = static_cast<float*>(y) + t * n_out;
@@ -76,14 +91,7 @@ __device__ __forceinline__ void finish_pair(GemvEpilogue epilogue, int t, int64_
       float* out = static_cast<float*>(y) + t * n_out;
       a0 += out[r[0]];
       out[r[0]] = a0;
-      if (second) {
-        a1 += out[r[1]];
-        out[r[1]] = a1;
-      }
-      // The new rows' squares go to a per-pair slot, summed by the last block to finish.
-      if (norm_out.inv_rms != nullptr) {
-        norm_out.partial[t * ((n_out + 1) / 2) + pair] = a0 * a0 + (second ? a1 * a1 : 0.0f);
-      }
+      if (second) out[r[1]] += a1;
       return;
     }
     case GemvEpilogue::swiglu: {
@@ -98,11 +106,10 @@ __device__ __forceinline__ void finish_pair(GemvEpilogue epilogue, int t, int64_
         a1 += rope.bias[r[1]];
       }
       const int q_dim = s.q_dim(), kv_dim = s.kv_dim();
-      const int position = rope.batch.token_pos[t];
       if (r[0] < q_dim + kv_dim) {  // Q or K: rotate the pair
         const int d0 = static_cast<int>(r[0] % s.head_dim);
         const int i = s.style == RopeStyle::interleaved ? d0 / 2 : d0;
-        const float theta = static_cast<float>(position) * rope.inv_freq[i];
+        const float theta = static_cast<float>(target.position) * inv_freq[i];
         float sn, cs;
         sincosf(theta, &sn, &cs);
         const float b0 = a0 * cs - a1 * sn, b1 = a0 * sn + a1 * cs;
@@ -114,12 +121,9 @@ __device__ __forceinline__ void finish_pair(GemvEpilogue epilogue, int t, int64_
         q[r[0]] = from_float<T>(a0);
         q[r[1]] = from_float<T>(a1);
       } else {
-        const int seq = rope.batch.token_seq[t];
-        const int bt = rope.kv.layout.block_tokens;
-        const int block = rope.batch.block_tables[rope.batch.table_offsets[seq] + position / bt];
         const bool is_k = r[0] < q_dim + kv_dim;
         const int64_t col = r[0] - q_dim - (is_k ? 0 : kv_dim);
-        T* dst = static_cast<T*>(rope.kv.blocks) + rope.kv.offset(block, rope.layer, is_k ? 0 : 1, position % bt);
+        T* dst = static_cast<T*>(rope.kv.blocks) + (is_k ? target.k : target.v);
         dst[col] = from_float<T>(a0);
         dst[col + (r[1] - r[0])] = from_float<T>(a1);
       }
@@ -128,35 +132,25 @@ __device__ __forceinline__ void finish_pair(GemvEpilogue epilogue, int t, int64_
   }
 }
 
-// After the accumulate product: the last block to finish sums every pair's squares in a fixed
-// order (deterministic) into each token's inverse RMS, and returns the counter to zero.
+// The inverse RMS of each of the block's B input rows, from the sums of squares of the pieces
+// each thread read (fixed order: the same value in every block). scratch: [warps * B].
 template <int BLOCK_THREADS, int B>
-__device__ void last_block_norm(int64_t n_out, const GemvNormOut& norm_out, float* scratch /* [warps * B] */) {
+__device__ __forceinline__ void block_inv_rms(const float (&sum_squares)[B], int64_t n, float eps, float* scratch,
+                                              float* inv_rms /* [B], shared */) {
   constexpr int kBlockWarps = BLOCK_THREADS / 32;
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(norm_out.counter, 1) == static_cast<int>(gridDim.x) - 1;
-    if (last) *norm_out.counter = 0;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t n_pairs = (n_out + 1) / 2;
-  for (int token = 0; token < B; ++token) {
-    float s = 0.0f;
-    for (int64_t i = threadIdx.x; i < n_pairs; i += BLOCK_THREADS) s += __ldcg(norm_out.partial + token * n_pairs + i);
-    s = warp_sum(s);
-    if (lane == 0) scratch[warp * B + token] = s;
+#pragma unroll
+  for (int t = 0; t < B; ++t) {
+    const float s = warp_sum(sum_squares[t]);
+    if (lane == 0) scratch[warp * B + t] = s;
   }
   __syncthreads();
   if (threadIdx.x < B) {
     float total = 0.0f;
     for (int k = 0; k < kBlockWarps; ++k) total += scratch[k * B + threadIdx.x];
-    norm_out.inv_rms[threadIdx.x] = 1.0f / sqrtf(total / static_cast<float>(n_out) + norm_out.eps);
+    inv_rms[threadIdx.x] = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
   }
+  __syncthreads();
 }
 
 // Weights of one loop step of one pair, kept packed (16-byte pieces) until used: half the
@@ -169,7 +163,7 @@ struct PairPieces {
 template <typename T, int B>
 __global__ void __launch_bounds__(kThreads)
     gemv_kernel(const T* __restrict__ w, int64_t n_in, int64_t n_out, GemvInput input, GemvEpilogue epilogue,
-                void* __restrict__ y, GemvRope rope, GemvNormOut norm_out) {
+                void* __restrict__ y, GemvRope rope) {
   constexpr int VEC = kVec<T>;
   constexpr int64_t kStep = 32 * VEC;  // elements a warp covers per piece
   pdl_allow_next();
@@ -200,13 +194,25 @@ __global__ void __launch_bounds__(kThreads)
 
   // A warp owns a pair of rows at a time and walks pairs with the stride of all warps: no block
   // barrier per pair. Weights belong to no kernel, so the first loads go out before waiting for
-  // the predecessor, whose outputs (x, the norm scales, the KV pages) are read after pdl_wait().
+  // the predecessor, whose outputs (x, the KV pages) are read after pdl_wait().
   int64_t pair = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   PairPieces cur, next;
   if (pair < n_pairs) load_pieces(pair, first, cur);
   pdl_wait();
-  if (normed && threadIdx.x < B) row_scale[threadIdx.x] = input.inv_rms[x_row[threadIdx.x]];
-  __syncthreads();
+  if (normed) {
+    // Each block computes the norm of its input rows itself (they are read through L1 anyway).
+    float sum_squares[B];
+#pragma unroll
+    for (int t = 0; t < B; ++t) {
+      sum_squares[t] = 0.0f;
+      const float* xr = static_cast<const float*>(input.x) + x_row[t] * n_in;
+      for (int64_t i = int64_t{threadIdx.x} * 4; i < n_in; i += kThreads * 4) {
+        const float4 v = *reinterpret_cast<const float4*>(xr + i);
+        sum_squares[t] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+      }
+    }
+    block_inv_rms<kThreads, B>(sum_squares, n_in, input.eps, scratch, row_scale);
+  }
 
   for (; pair < n_pairs; pair += warps_total) {
     int64_t r[2];
@@ -284,10 +290,10 @@ __global__ void __launch_bounds__(kThreads)
         a1 = s1;
       }
     }
-    if (lane < B) finish_pair<T>(epilogue, lane, pair, r, second, a0, a1, n_out, y, rope, norm_out);
-  }
-  if (epilogue == GemvEpilogue::accumulate && norm_out.inv_rms != nullptr) {
-    last_block_norm<kThreads, B>(n_out, norm_out, scratch);
+    if (lane < B) {
+      const RopeTarget target = epilogue == GemvEpilogue::rope_store ? rope_target(rope, lane) : RopeTarget{};
+      finish_pair<T>(epilogue, lane, pair, r, second, a0, a1, n_out, y, rope, target, rope.inv_freq);
+    }
   }
 }
 
@@ -302,6 +308,7 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kSliceThreads = 256;
 constexpr int kSliceMaxPieces = 8;  // n_in up to 8 * 256 * 8 = 16,384 (bf16/f16)
 constexpr int kSliceWidePieces = 4;
+constexpr int kSliceMaxFreq = 128;  // RoPE frequencies copied to shared memory (head_dim up to 256)
 static_assert(kSliceMaxPieces * kSliceThreads <= kSliceWidePieces * 2 * kSliceThreads, "wide blocks hold every row");
 
 template <int P>
@@ -312,14 +319,15 @@ __host__ __device__ constexpr int slice_pairs() {
 template <typename T, int P, bool NORMED, int THREADS>
 __global__ void __launch_bounds__(THREADS)
     gemv_slice_kernel(const T* __restrict__ w, int64_t n_in, int64_t n_out, GemvInput input, GemvEpilogue epilogue,
-                      void* __restrict__ y, GemvRope rope, GemvNormOut norm_out) {
+                      void* __restrict__ y, GemvRope rope) {
   constexpr int VEC = kVec<T>;
   constexpr int PAIRS = slice_pairs<P>();
   constexpr int WARPS = THREADS / 32;
   pdl_allow_next();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ float sums[2][WARPS][PAIRS][2];
-  __shared__ float scratch[WARPS];
+  __shared__ float scratch[WARPS], inv_rms[1];
+  __shared__ float freq_copy[kSliceMaxFreq];
   const int64_t n_pairs = pair_count(epilogue, n_out);
   const int64_t begin = blockIdx.x * n_pairs / gridDim.x, end = (blockIdx.x + 1) * n_pairs / gridDim.x;
   const int64_t n_pieces = n_in / VEC;
@@ -348,30 +356,82 @@ __global__ void __launch_bounds__(THREADS)
 
   Step cur, next;
   if (begin < end) load_step(begin, cur);
+  // The epilogue's lookups in the plan, and the RoPE frequencies, before the wait too.
+  RopeTarget target{};
+  const float* inv_freq = rope.inv_freq;
+  if (epilogue == GemvEpilogue::rope_store) {
+    if (threadIdx.x < PAIRS) target = rope_target(rope, 0);
+    if (rope.shape.n_rot / 2 <= kSliceMaxFreq) {
+      for (int i = threadIdx.x; i < rope.shape.n_rot / 2; i += THREADS) freq_copy[i] = rope.inv_freq[i];
+      inv_freq = freq_copy;  // read after the loop's barrier
+    }
+  }
+  // The norm weights are no kernel's output either.
+  float4 gw[NORMED ? P : 1][VEC / 4];
+  if constexpr (NORMED) {
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int64_t k = (threadIdx.x + int64_t{i} * THREADS) * VEC;
+#pragma unroll
+      for (int j = 0; j < VEC; j += 4) {
+        if (k < n_in) gw[i][j / 4] = *reinterpret_cast<const float4*>(input.norm_weight + k + j);
+      }
+    }
+  }
   pdl_wait();
+  // The accumulate epilogue's residual rows, one step ahead, so the epilogue thread does not
+  // wait for them while the block waits at the next step's barrier.
+  float resid[2] = {0.0f, 0.0f};
+  auto load_resid = [&](int64_t first) {
+    if (epilogue != GemvEpilogue::accumulate || threadIdx.x >= PAIRS || first + threadIdx.x >= end) return;
+    int64_t r0, r1;
+    pair_rows(epilogue, first + threadIdx.x, n_out, rope.shape.head_dim, rope.shape.style, r0, r1);
+    resid[0] = static_cast<const float*>(y)[r0];
+    resid[1] = r1 < n_out ? static_cast<const float*>(y)[r1] : 0.0f;
+  };
+  load_resid(begin);
 
-  // This thread's input pieces: normalized in fp32, or packed as they are.
+  // This thread's input pieces: normalized in fp32, or packed as they are. The block holds the
+  // whole row, so it computes the norm itself: one block reduction, no kernel or grid-wide
+  // step to produce the scale.
   float xf[NORMED ? P : 1][VEC];
   uint4 xp[NORMED ? 1 : P];
   const int64_t x_row = input.rows != nullptr ? input.rows[0] : 0;
+  float sum_squares[1] = {0.0f};
 #pragma unroll
   for (int i = 0; i < P; ++i) {
     const int64_t k = (threadIdx.x + int64_t{i} * THREADS) * VEC;
     if (k >= n_in) continue;
     if constexpr (NORMED) {
       const float* xr = static_cast<const float*>(input.x) + x_row * n_in + k;
-      const float sc = input.inv_rms[x_row];
 #pragma unroll
       for (int j = 0; j < VEC; j += 4) {
         const float4 v = *reinterpret_cast<const float4*>(xr + j);
-        const float4 g = *reinterpret_cast<const float4*>(input.norm_weight + k + j);
-        xf[i][j] = g.x * (v.x * sc);
-        xf[i][j + 1] = g.y * (v.y * sc);
-        xf[i][j + 2] = g.z * (v.z * sc);
-        xf[i][j + 3] = g.w * (v.w * sc);
+        xf[i][j] = v.x;
+        xf[i][j + 1] = v.y;
+        xf[i][j + 2] = v.z;
+        xf[i][j + 3] = v.w;
+        sum_squares[0] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
       }
     } else {
       xp[i] = *reinterpret_cast<const uint4*>(static_cast<const T*>(input.x) + x_row * n_in + k);
+    }
+  }
+  if constexpr (NORMED) {
+    block_inv_rms<THREADS, 1>(sum_squares, n_in, input.eps, scratch, inv_rms);
+    const float sc = inv_rms[0];
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int64_t k = (threadIdx.x + int64_t{i} * THREADS) * VEC;
+      if (k >= n_in) continue;
+#pragma unroll
+      for (int j = 0; j < VEC; j += 4) {
+        const float4 g = gw[i][j / 4];
+        xf[i][j] = g.x * (xf[i][j] * sc);
+        xf[i][j + 1] = g.y * (xf[i][j + 1] * sc);
+        xf[i][j + 2] = g.z * (xf[i][j + 2] * sc);
+        xf[i][j + 3] = g.w * (xf[i][j + 3] * sc);
+      }
     }
   }
 
@@ -423,29 +483,15 @@ __global__ void __launch_bounds__(THREADS)
       }
       int64_t r[2];
       pair_rows(epilogue, pair, n_out, rope.shape.head_dim, rope.shape.style, r[0], r[1]);
-      finish_pair<T>(epilogue, 0, pair, r, r[1] < n_out, a0, a1, n_out, y, rope, norm_out);
+      if (epilogue == GemvEpilogue::accumulate) {  // the residual, loaded a step ago
+        finish_pair<T>(GemvEpilogue::store, 0, pair, r, r[1] < n_out, a0 + resid[0], a1 + resid[1], n_out, y, rope,
+                       target, inv_freq);
+        load_resid(first + PAIRS);
+      } else {
+        finish_pair<T>(epilogue, 0, pair, r, r[1] < n_out, a0, a1, n_out, y, rope, target, inv_freq);
+      }
     }
     cur = next;
-  }
-  if (epilogue == GemvEpilogue::accumulate && norm_out.inv_rms != nullptr) {
-    last_block_norm<THREADS, 1>(n_out, norm_out, scratch);
-  }
-}
-
-__global__ void rms_kernel(const float* __restrict__ x, int64_t n, float eps, float* __restrict__ inv_rms) {
-  pdl_allow_next();
-  pdl_wait();
-  const float* row = x + static_cast<int64_t>(blockIdx.x) * n;
-  float s = 0.0f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += row[i] * row[i];
-  s = warp_sum(s);
-  __shared__ float sums[8];
-  if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.0f;
-    for (int k = 0; k < static_cast<int>(blockDim.x) / 32; ++k) total += sums[k];
-    inv_rms[blockIdx.x] = 1.0f / sqrtf(total / static_cast<float>(n) + eps);
   }
 }
 
@@ -472,8 +518,7 @@ int slice_blocks_per_sm(const void* kernel, int threads) {
 // long rows' registers (both steps' weights and the input pieces) would hold a 256-thread block
 // to one an SM.
 void launch_slice(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
-                  GemvEpilogue epilogue, void* y, const GemvRope& rope, const GemvNormOut& norm_out,
-                  cudaStream_t stream) {
+                  GemvEpilogue epilogue, void* y, const GemvRope& rope, cudaStream_t stream) {
   const int64_t n_pairs = pair_count(epilogue, n_out);
   const int64_t pieces = input_pieces(weight_type, n_in);
   const bool wide = pieces > int64_t{kSliceWidePieces} * kSliceThreads;
@@ -487,7 +532,7 @@ void launch_slice(const void* weights, DType weight_type, int64_t n_in, int64_t 
         const int64_t resident = int64_t{sm_count()} * slice_blocks_per_sm(reinterpret_cast<const void*>(kernel), threads);
         const auto grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, n_pairs)));
         launch_chained(kernel, dim3(grid), dim3(threads), 0, stream, static_cast<const T*>(weights), n_in, n_out,
-                       input, epilogue, y, rope, norm_out);
+                       input, epilogue, y, rope);
       };
       const bool normed = input.norm_weight != nullptr;
       if (wide) {
@@ -512,29 +557,18 @@ bool gemv_supported(DType weight_type, int64_t n_in, int32_t n_tokens) {
   return n_tokens >= 1 && n_tokens <= kGemvMaxTokens && n_in % vec == 0 && n_in % 4 == 0;
 }
 
-void rms_cuda(const float* x, int64_t n_tokens, int64_t n, float eps, float* inv_rms, CudaStream stream) {
-  if (n_tokens == 0) return;
-  launch_chained(rms_kernel, dim3(static_cast<unsigned>(n_tokens)), dim3(256), 0, stream, x, n, eps, inv_rms);
-  check_launch();
-}
-
 void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
-               int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRope* rope, const GemvNormOut* norm_out,
-               CudaStream stream) {
+               int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRope* rope, CudaStream stream) {
   if (!gemv_supported(weight_type, n_in, n_tokens)) throw std::invalid_argument("gemv: unsupported shape");
   if (epilogue == GemvEpilogue::rope_store &&
       (rope == nullptr || rope->shape.n_rot != rope->shape.head_dim || rope->kv.layout.dtype != weight_type)) {
     throw std::invalid_argument("gemv: the fused RoPE needs n_rot == head_dim and KV in the weight type");
   }
-  if (norm_out != nullptr && epilogue != GemvEpilogue::accumulate) {
-    throw std::invalid_argument("gemv: only the accumulate epilogue leaves the next norm's scale");
-  }
+  if (input.norm_weight != nullptr && !(input.eps >= 0.0f)) throw std::invalid_argument("gemv: the norm's eps must be >= 0");
   const int64_t n_pairs = pair_count(epilogue, n_out);
   const GemvRope no_rope{};
-  const GemvNormOut no_norm{};
   if (slice_path(weight_type, n_in, n_tokens)) {
-    launch_slice(weights, weight_type, n_in, n_out, input, epilogue, y, rope != nullptr ? *rope : no_rope,
-                 norm_out != nullptr ? *norm_out : no_norm, stream);
+    launch_slice(weights, weight_type, n_in, n_out, input, epilogue, y, rope != nullptr ? *rope : no_rope, stream);
     check_launch();
     return;
   }
@@ -549,8 +583,7 @@ void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_o
       const int64_t warps_needed = (n_pairs + kWarps - 1) / kWarps;
       const auto blocks = static_cast<unsigned>(std::min<int64_t>(warps_needed, int64_t{sm_count()} * std::max(per_sm, 1)));
       launch_chained(gemv_kernel<T, B>, dim3(blocks), dim3(kThreads), 0, stream, static_cast<const T*>(weights), n_in,
-                     n_out, input, epilogue, y, rope != nullptr ? *rope : no_rope,
-                     norm_out != nullptr ? *norm_out : no_norm);
+                     n_out, input, epilogue, y, rope != nullptr ? *rope : no_rope);
     });
   });
   check_launch();

@@ -7,6 +7,7 @@
 #include "den/kernels/gemv.h"
 #include "den/kernels/half.h"
 #include "den/kernels/matmul.h"
+#include "den/kernels/rmsnorm.h"
 #include "den/kernels/swiglu.h"
 
 namespace den::kernels {
@@ -40,25 +41,15 @@ void put(void* base, DType t, int64_t i, float v) {
 
 }  // namespace
 
-void rms_ref(const float* x, int64_t n_tokens, int64_t n, float eps, float* inv_rms) {
-  for (int64_t t = 0; t < n_tokens; ++t) {
-    float sum_squares = 0.0f;
-    for (int64_t i = 0; i < n; ++i) sum_squares += x[t * n + i] * x[t * n + i];
-    inv_rms[t] = 1.0f / std::sqrt(sum_squares / static_cast<float>(n) + eps);
-  }
-}
-
 void gemv_ref(const void* weights, DType wt, int64_t n_in, int64_t n_out, const GemvInput& input, int32_t n_tokens,
-              GemvEpilogue epilogue, void* y, const GemvRopeRef* rope, const GemvNormOut* norm_out) {
-  // Inputs as float rows (normalised when asked, with rmsnorm_ref's formula and the given scale).
+              GemvEpilogue epilogue, void* y, const GemvRopeRef* rope) {
+  // Inputs as float rows (normalised when asked, by rmsnorm_ref: the CPU backend's norm).
   std::vector<float> x(static_cast<size_t>(n_tokens * n_in));
   for (int32_t t = 0; t < n_tokens; ++t) {
     const int64_t row = input.rows != nullptr ? input.rows[t] : t;
     if (input.norm_weight != nullptr) {
-      const float* xr = static_cast<const float*>(input.x) + row * n_in;
-      for (int64_t k = 0; k < n_in; ++k) {
-        x[static_cast<size_t>(t * n_in + k)] = input.norm_weight[k] * (xr[k] * input.inv_rms[row]);
-      }
+      rmsnorm_ref(static_cast<const float*>(input.x) + row * n_in, input.norm_weight, x.data() + t * n_in, 1, n_in,
+                  input.eps);
     } else {
       for (int64_t k = 0; k < n_in; ++k) x[static_cast<size_t>(t * n_in + k)] = element(input.x, wt, row * n_in + k);
     }
@@ -77,7 +68,6 @@ void gemv_ref(const void* weights, DType wt, int64_t n_in, int64_t n_out, const 
       return;
     case GemvEpilogue::accumulate:
       for (size_t i = 0; i < out.size(); ++i) static_cast<float*>(y)[i] += out[i];
-      if (norm_out != nullptr) rms_ref(static_cast<const float*>(y), n_tokens, n_out, norm_out->eps, norm_out->inv_rms);
       return;
     case GemvEpilogue::swiglu: {
       const int64_t n_ff = n_out / 2;

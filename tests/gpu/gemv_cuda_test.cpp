@@ -53,39 +53,18 @@ void check_product(std::mt19937& rng, DType t, int32_t n_tokens, int64_t n_in, i
   std::iota(rows.begin(), rows.end(), 0);
   std::reverse(rows.begin(), rows.end());
   const auto d_rows = test::to_device(rows);
-  std::vector<float> inv_rms(static_cast<size_t>(n_tokens + 2));
-  kernels::rms_ref(xf.data(), n_tokens + 2, n_in, 1e-5f, inv_rms.data());
-  const auto d_inv = test::to_device(inv_rms);
-  kernels::GemvInput host_in{x.host(), rows.data(), norm ? norm_w.data() : nullptr, inv_rms.data()};
-  kernels::GemvInput dev_in{x.d.get(), d_rows.as<int32_t>(), norm ? d_norm.as<float>() : nullptr,
-                            d_inv.as<float>()};
+  kernels::GemvInput host_in{x.host(), rows.data(), norm ? norm_w.data() : nullptr, 1e-5f};
+  kernels::GemvInput dev_in{x.d.get(), d_rows.as<int32_t>(), norm ? d_norm.as<float>() : nullptr, 1e-5f};
   const int64_t out_n = e == GemvEpilogue::swiglu ? n_tokens * n_out / 2 : n_tokens * n_out;
   const DType out_t = e == GemvEpilogue::swiglu ? t : DType::f32;
   const auto start = test::random_floats(rng, static_cast<size_t>(out_n));  // accumulate adds to it
   std::vector<float> ref_f = start;
   std::vector<uint16_t> ref_h(static_cast<size_t>(out_n));
   void* ref_out = out_t == DType::f32 ? static_cast<void*>(ref_f.data()) : ref_h.data();
-  // The accumulate product also leaves the next norm's scale (even n_out only).
-  const bool norm_out = e == GemvEpilogue::accumulate && n_out % 2 == 0;
-  std::vector<float> ref_inv(static_cast<size_t>(n_tokens));
-  kernels::GemvNormOut host_norm{ref_inv.data(), nullptr, nullptr, 1e-5f};
-  kernels::gemv_ref(w.host(), t, n_in, n_out, host_in, n_tokens, e, ref_out, nullptr,
-                    norm_out ? &host_norm : nullptr);
+  kernels::gemv_ref(w.host(), t, n_in, n_out, host_in, n_tokens, e, ref_out, nullptr);
   kernels::DeviceBuffer y = out_t == DType::f32 ? test::to_device(start)
                                                 : kernels::DeviceBuffer(static_cast<size_t>(out_n) * 2);
-  kernels::DeviceBuffer d_inv_out(64), d_partial(static_cast<size_t>(n_tokens * n_out) * 4), d_counter(4);
-  kernels::check(cudaMemset(d_counter.get(), 0, 4));
-  const kernels::GemvNormOut dev_norm{d_inv_out.as<float>(), d_partial.as<float>(), d_counter.as<int32_t>(),
-                                      1e-5f};
-  for (int launch = 0; launch < (norm_out ? 2 : 1); ++launch) {  // twice: the counter returns to zero
-    if (launch == 1) kernels::check(cudaMemcpy(y.get(), start.data(), start.size() * 4, cudaMemcpyHostToDevice));
-    kernels::gemv_cuda(w.d.get(), t, n_in, n_out, dev_in, n_tokens, e, y.get(), nullptr,
-                       norm_out ? &dev_norm : nullptr, nullptr);
-  }
-  if (norm_out) {
-    test::check_close(test::compare(test::to_host<float>(d_inv_out, ref_inv.size()), ref_inv), 1e-10,
-                      "gemv accumulate: next norm's scale");
-  }
+  kernels::gemv_cuda(w.d.get(), t, n_in, n_out, dev_in, n_tokens, e, y.get(), nullptr, nullptr);
   const auto got = read(y, static_cast<size_t>(out_n), out_t);
   const auto ref = out_t == DType::f32 ? ref_f : from_half_bits(ref_h, out_t);
   const char* names[] = {"store", "accumulate", "swiglu", "rope_store"};
@@ -151,12 +130,8 @@ TEST_CASE("gemv_cuda rope_store: Q out, K/V into their pages, both RoPE pairings
                                 positions.data(), 1};
         std::vector<float> q_f(static_cast<size_t>(n_tokens) * shape.q_dim());
         std::vector<uint16_t> q_h(q_f.size());
-        std::vector<float> inv_rms(static_cast<size_t>(n_tokens));
-        kernels::rms_ref(xf.data(), n_tokens, n_in, 1e-5f, inv_rms.data());
-        const auto d_inv = test::to_device(inv_rms);
-        kernels::gemv_ref(w.host(), t, n_in, n_out, {xf.data(), nullptr, norm_w.data(), inv_rms.data()}, n_tokens,
-                          GemvEpilogue::rope_store, t == DType::f32 ? static_cast<void*>(q_f.data()) : q_h.data(), &rr,
-                          nullptr);
+        kernels::gemv_ref(w.host(), t, n_in, n_out, {xf.data(), nullptr, norm_w.data(), 1e-5f}, n_tokens,
+                          GemvEpilogue::rope_store, t == DType::f32 ? static_cast<void*>(q_f.data()) : q_h.data(), &rr);
         // Device.
         std::vector<int32_t> flat, offsets, lengths;
         for (size_t s = 0; s < 3; ++s) {
@@ -174,8 +149,8 @@ TEST_CASE("gemv_cuda rope_store: Q out, K/V into their pages, both RoPE pairings
                                 d_seq.as<int32_t>(), d_pos.as<int32_t>(), 3, n_tokens},
                                1};
         kernels::DeviceBuffer q(q_f.size() * kernels::dtype_bytes(t));
-        kernels::gemv_cuda(w.d.get(), t, n_in, n_out, {d_x.get(), nullptr, d_norm.as<float>(), d_inv.as<float>()}, n_tokens,
-                           GemvEpilogue::rope_store, q.get(), &rope, nullptr, nullptr);
+        kernels::gemv_cuda(w.d.get(), t, n_in, n_out, {d_x.get(), nullptr, d_norm.as<float>(), 1e-5f}, n_tokens,
+                           GemvEpilogue::rope_store, q.get(), &rope, nullptr);
         const std::string what = std::string(kernels::dtype_name(t)) +
                                  (style == kernels::RopeStyle::neox ? " neox" : " interleaved") +
                                  " tokens=" + std::to_string(n_tokens);
@@ -198,19 +173,5 @@ TEST_CASE("gemv_cuda rope_store: Q out, K/V into their pages, both RoPE pairings
         test::check_close(test::compare(g, r), t == DType::f32 ? 1e-10 : 1e-5, "gemv rope_store kv " + what);
       }
     }
-  }
-}
-
-TEST_CASE("rms_cuda matches rms_ref") {
-  DEN_SKIP_WITHOUT_GPU();
-  std::mt19937 rng(63);
-  for (int64_t n : {37, 576, 4096}) {
-    const auto x = test::random_floats(rng, static_cast<size_t>(5 * n), 2.0f);
-    std::vector<float> ref(5);
-    kernels::rms_ref(x.data(), 5, n, 1e-5f, ref.data());
-    const auto dx = test::to_device(x);
-    kernels::DeviceBuffer out(5 * 4);
-    kernels::rms_cuda(dx.as<float>(), 5, n, 1e-5f, out.as<float>(), nullptr);
-    test::check_close(test::compare(test::to_host<float>(out, 5), ref), 1e-10, "rms n=" + std::to_string(n));
   }
 }

@@ -59,11 +59,6 @@ class CudaBackend final : public Backend {
     const auto threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     weights_ = cuda::upload_weights(model, type_, stream_.get(), threads);
     cublas_ = std::make_unique<cuda::CublasHandle>(stream_.get(), size_t{32} << 20);
-    const ModelConfig& c = model.config();
-    inv_rms_ = DeviceBuffer(kernels::kGemvMaxTokens * sizeof(float));
-    norm_partial_ = DeviceBuffer(static_cast<size_t>(kernels::kGemvMaxTokens) * (c.n_embd / 2 + 1) * sizeof(float));
-    norm_counter_ = DeviceBuffer(sizeof(int32_t));
-    kernels::check(cudaMemset(norm_counter_.get(), 0, sizeof(int32_t)));  // the kernels return it to zero
     read_test_fault();
   }
 
@@ -200,23 +195,18 @@ class CudaBackend final : public Backend {
     const bool fused_rope = c.n_rot == c.head_dim;
 
     kernels::embedding_gather_cuda(weights_.token_embd.get(), type_, plan_.ids(), n, c.n_embd, x, s);
-    // On the GEMV path each norm reads the tokens' inverse RMS: computed here for the first one,
-    // then left by the accumulate products that update the residual stream.
-    float* inv_rms = inv_rms_.as<float>();
-    const kernels::GemvNormOut next_norm{inv_rms, norm_partial_.as<float>(), norm_counter_.as<int32_t>(), c.rms_eps};
-    if (gemv) kernels::rms_cuda(x, n, c.n_embd, c.rms_eps, inv_rms, s);
     for (int32_t layer = 0; layer < c.n_layers; ++layer) {
       if (arrival != nullptr) arrival->before_layer(layer, s);
       const cuda::DeviceLayer& w = weights_.layers[static_cast<size_t>(layer)];
       if (gemv) {
-        const kernels::GemvInput normed{x, nullptr, w.attn_norm.as<float>(), inv_rms};
+        const kernels::GemvInput normed{x, nullptr, w.attn_norm.as<float>(), c.rms_eps};
         if (fused_rope) {
           const kernels::GemvRope rope{shape, w.qkv_bias.as<float>(), weights_.inv_freq.as<float>(), kv, batch, layer};
           kernels::gemv_cuda(w.qkv.get(), type_, c.n_embd, shape.row(), normed, tokens, kernels::GemvEpilogue::rope_store,
-                             q_.get(), &rope, nullptr, s);
+                             q_.get(), &rope, s);
         } else {
           kernels::gemv_cuda(w.qkv.get(), type_, c.n_embd, shape.row(), normed, tokens, kernels::GemvEpilogue::store,
-                             qkv_.get(), nullptr, nullptr, s);
+                             qkv_.get(), nullptr, s);
           kernels::qkv_rope_store_cuda(qkv_.as<float>(), w.qkv_bias.as<float>(), shape, weights_.inv_freq.as<float>(),
                                        kv, batch, layer, q_.get(), type_, s);
         }
@@ -230,12 +220,12 @@ class CudaBackend final : public Backend {
                                     layer, c.n_heads, scale, s);
       if (gemv) {
         kernels::gemv_cuda(w.attn_output.get(), type_, c.q_dim(), c.n_embd, {attn_.get()}, tokens,
-                           kernels::GemvEpilogue::accumulate, x, nullptr, &next_norm, s);
+                           kernels::GemvEpilogue::accumulate, x, nullptr, s);
         kernels::gemv_cuda(w.gate_up.get(), type_, c.n_embd, 2 * int64_t{c.n_ff},
-                           {x, nullptr, w.ffn_norm.as<float>(), inv_rms}, tokens, kernels::GemvEpilogue::swiglu,
-                           hidden_.get(), nullptr, nullptr, s);
+                           {x, nullptr, w.ffn_norm.as<float>(), c.rms_eps}, tokens, kernels::GemvEpilogue::swiglu,
+                           hidden_.get(), nullptr, s);
         kernels::gemv_cuda(w.down.get(), type_, c.n_ff, c.n_embd, {hidden_.get()}, tokens,
-                           kernels::GemvEpilogue::accumulate, x, nullptr, &next_norm, s);
+                           kernels::GemvEpilogue::accumulate, x, nullptr, s);
       } else {
         cublas_->matmul(w.attn_output.get(), type_, attn_.get(), n, c.q_dim(), c.n_embd, x, 1.0f);
         kernels::rmsnorm_cuda(x, w.ffn_norm.as<float>(), xn_.get(), type_, nullptr, n, c.n_embd, c.rms_eps, s);
@@ -249,8 +239,8 @@ class CudaBackend final : public Backend {
     if (rows > 0) {
       if (gemv) {
         kernels::gemv_cuda(weights_.output_matrix(), type_, c.n_embd, c.n_vocab,
-                           {x, plan_.logit_rows(), weights_.output_norm.as<float>(), inv_rms}, rows,
-                           kernels::GemvEpilogue::store, logits_.get(), nullptr, nullptr, s);
+                           {x, plan_.logit_rows(), weights_.output_norm.as<float>(), c.rms_eps}, rows,
+                           kernels::GemvEpilogue::store, logits_.get(), nullptr, s);
       } else {
         kernels::rmsnorm_cuda(x, weights_.output_norm.as<float>(), xn_.get(), type_, plan_.logit_rows(), rows, c.n_embd,
                               c.rms_eps, s);
@@ -306,7 +296,6 @@ class CudaBackend final : public Backend {
   cuda::StepPlan plan_;
   std::map<GraphKey, kernels::GraphExec> graphs_;
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, hidden_, logits_, sampled_, attention_workspace_;
-  DeviceBuffer inv_rms_, norm_partial_, norm_counter_;  // the GEMV path's norm scales
   int64_t steps_ = 0, fault_step_ = 0;  // DEN_TEST_GPU_FAULT
   bool fault_kernel_ = false;
 };

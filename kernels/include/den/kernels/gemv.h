@@ -1,11 +1,10 @@
 // Small-batch matrix-vector products for decode (1 to 8 tokens), reading every weight once
 // with 16-byte loads, fp32 accumulation, and the neighbouring element-wise work fused in so a
 // decode layer is five launches instead of ten:
-//   prologue: RMSNorm of a float input, from the tokens' inverse RMS computed earlier (by
-//             rms_cuda, or by the accumulate epilogue that produced the input);
-//   epilogue: store; accumulate into the residual stream (and, by the last block to finish, the
-//             new inverse RMS of each token for the next norm); SwiGLU of paired gate/up rows;
-//             or bias + RoPE + KV store of paired Q/K rows (V rows go to the cache as they are).
+//   prologue: RMSNorm of a float input, each block computing the tokens' inverse RMS from the
+//             rows it reads anyway (no separate norm kernel, no grid-wide step to share it);
+//   epilogue: store; accumulate into the residual stream; SwiGLU of paired gate/up rows; or
+//             bias + RoPE + KV store of paired Q/K rows (V rows go to the cache as they are).
 // Every epilogue works on pairs of output rows (the pair it needs). One token (f16/bf16 weights,
 // n_in up to 16,384): blocks of 256 threads own contiguous, equal ranges of pairs, each thread
 // holding its slices of the input in registers while the weights stream past. Two to eight
@@ -35,22 +34,10 @@ enum class GemvEpilogue : uint8_t {
 struct GemvInput {
   const void* x = nullptr;   // [*, n_in]: float when norm_weight is set, else the weight type
   const int32_t* rows = nullptr;  // token t reads x row rows[t] (null: row t)
-  const float* norm_weight = nullptr;  // [n_in]: x_t * inv_rms[row] * norm_weight (x must be float)
-  const float* inv_rms = nullptr;      // [*]: per x row, with norm_weight
-};
-
-// For the accumulate epilogue: also leave each token's new inverse RMS (of the updated rows).
-struct GemvNormOut {
-  float* inv_rms = nullptr;   // [n_tokens] out
-  float* partial = nullptr;   // workspace [n_tokens * (n_out / 2)]
-  int32_t* counter = nullptr; // one int, zero before the first launch (returned to zero)
+  // [n_in]: RMSNorm first, norm_weight * (x_t / sqrt(mean(x_t^2) + eps)) (x must be float)
+  const float* norm_weight = nullptr;
   float eps = 1e-5f;
 };
-
-// inv_rms[t] = 1 / sqrt(mean(x_t^2) + eps): the first layer's norm input on the GEMV path.
-// x: [n_tokens, n] float  inv_rms: [n_tokens]
-void rms_ref(const float* x, int64_t n_tokens, int64_t n, float eps, float* inv_rms);
-void rms_cuda(const float* x, int64_t n_tokens, int64_t n, float eps, float* inv_rms, CudaStream stream);
 
 // For the rope_store epilogue.
 struct GemvRope {
@@ -74,14 +61,13 @@ struct GemvRopeRef {
   int32_t layer = 0;
 };
 void gemv_ref(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
-              int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRopeRef* rope, const GemvNormOut* norm_out);
+              int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRopeRef* rope);
 
 // True when the product can run here: 1..8 tokens, n_in a multiple of the 16-byte vector.
 bool gemv_supported(DType weight_type, int64_t n_in, int32_t n_tokens);
 
 // weights: [n_out, n_in] in weight_type (device)
 void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
-               int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRope* rope, const GemvNormOut* norm_out,
-               CudaStream stream);
+               int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRope* rope, CudaStream stream);
 
 }  // namespace den::kernels
