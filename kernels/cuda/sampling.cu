@@ -8,8 +8,11 @@
 //  - otherwise (no top-k, or a larger one): thresholds found by bisection over the ordered
 //    float keys, and a block-wide prefix walk in id order. Ties at a top-p threshold are all
 //    kept here, where the reference keeps them in id order: the one documented difference.
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <stdexcept>
+#include <cuda/atomic>
 
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/sampling.h"
@@ -377,7 +380,105 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Argmax over a slice of a row per block (see argmax_cuda).
+constexpr int kArgmaxThreads = 256;
+constexpr int kArgmaxMaxChunks = 64;
+constexpr int kArgmaxUnroll = 8;
+
+struct ArgmaxCandidate {
+  float value;
+  int32_t index;
+};
+
+__device__ __forceinline__ void keep_better(float& best, int& index, float v, int i) {
+  if (v > best || (v == best && i < index)) {
+    best = v;
+    index = i;
+  }
+}
+
+// The block's best (value, index) in thread 0.
+__device__ ArgmaxCandidate block_best(float best, int index) {
+  __shared__ ArgmaxCandidate warp_best[kArgmaxThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    keep_better(best, index, __shfl_xor_sync(0xffffffffu, best, off), __shfl_xor_sync(0xffffffffu, index, off));
+  }
+  if (threadIdx.x % 32 == 0) warp_best[threadIdx.x / 32] = {best, index};
+  __syncthreads();
+  ArgmaxCandidate r = warp_best[0];
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kArgmaxThreads / 32; ++w) keep_better(r.value, r.index, warp_best[w].value, warp_best[w].index);
+  }
+  return r;
+}
+
+__global__ void __launch_bounds__(kArgmaxThreads)
+    argmax_kernel(const float* __restrict__ logits, int32_t n_vocab, int32_t* __restrict__ tokens,
+                  ArgmaxCandidate* __restrict__ candidates, int32_t* __restrict__ counters) {
+  pdl_allow_next();
+  pdl_wait();  // the logits come from the kernel before
+  const int row = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
+  const float* l = logits + static_cast<int64_t>(row) * n_vocab;
+  const int lo = static_cast<int>(static_cast<int64_t>(chunk) * n_vocab / chunks);
+  const int hi = static_cast<int>(static_cast<int64_t>(chunk + 1) * n_vocab / chunks);
+  // Each thread's indices increase, so a strict comparison keeps its lowest id on ties; the
+  // loads of a round are independent, all in flight at once.
+  float best = -INFINITY;
+  int index = n_vocab;
+  int i = lo + static_cast<int>(threadIdx.x);
+  for (; i + (kArgmaxUnroll - 1) * kArgmaxThreads < hi; i += kArgmaxUnroll * kArgmaxThreads) {
+    float v[kArgmaxUnroll];
+#pragma unroll
+    for (int u = 0; u < kArgmaxUnroll; ++u) v[u] = l[i + u * kArgmaxThreads];
+#pragma unroll
+    for (int u = 0; u < kArgmaxUnroll; ++u) keep_better(best, index, v[u], i + u * kArgmaxThreads);
+  }
+  for (; i < hi; i += kArgmaxThreads) keep_better(best, index, l[i], i);
+  const ArgmaxCandidate mine = block_best(best, index);
+
+  // The last block of the row to finish picks among the blocks' candidates (release by each
+  // block's thread 0 after its own write, acquire by the last one: as in decode attention).
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    candidates[row * chunks + chunk] = mine;
+    cuda::atomic_ref<int32_t, cuda::thread_scope_device> arrivals(counters[row]);
+    last = arrivals.fetch_add(1, cuda::memory_order_acq_rel) == chunks - 1;
+    if (last) arrivals.store(0, cuda::memory_order_relaxed);  // ready for the next launch
+  }
+  __syncthreads();
+  if (!last) return;
+  best = -INFINITY;
+  index = n_vocab;
+  if (threadIdx.x < chunks) {
+    const ArgmaxCandidate c = candidates[row * chunks + threadIdx.x];
+    keep_better(best, index, c.value, c.index);
+  }
+  const ArgmaxCandidate winner = block_best(best, index);
+  if (threadIdx.x == 0) tokens[row] = winner.index;
+}
+
 }  // namespace
+
+size_t argmax_workspace_bytes(int32_t n_rows) {
+  // Counters first, then the candidates (16-byte aligned).
+  return (static_cast<size_t>(n_rows) * sizeof(int32_t) + 15) / 16 * 16 +
+         static_cast<size_t>(n_rows) * kArgmaxMaxChunks * sizeof(ArgmaxCandidate);
+}
+
+void argmax_cuda(const float* logits, int32_t n_rows, int32_t n_vocab, int32_t* tokens, void* workspace,
+                 CudaStream stream) {
+  if (n_rows == 0) return;
+  if (n_vocab < 1) throw std::invalid_argument("argmax_cuda: n_vocab must be positive");
+  // About 2,048 logits a block (a round of 8 loads a thread), at most kArgmaxMaxChunks a row.
+  const int chunks = static_cast<int>(std::clamp<int64_t>((n_vocab + 2047) / 2048, 1, kArgmaxMaxChunks));
+  auto* counters = static_cast<int32_t*>(workspace);
+  auto* candidates = reinterpret_cast<ArgmaxCandidate*>(
+      static_cast<char*>(workspace) + (static_cast<size_t>(n_rows) * sizeof(int32_t) + 15) / 16 * 16);
+  launch_chained(argmax_kernel, dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(n_rows)),
+                 dim3(kArgmaxThreads), 0, stream, logits, n_vocab, tokens, candidates, counters);
+  check_launch();
+}
 
 void sample_cuda(float* logits, int32_t n_rows, int32_t n_vocab, const SamplingConfig* configs,
                  const TokenCount* seen, const int32_t* seen_offsets, const uint64_t* steps, int32_t* tokens,

@@ -95,3 +95,37 @@ TEST_CASE("GPU sampling draws the reference's tokens") {
     }
   }
 }
+
+TEST_CASE("argmax_cuda picks greedy sample_ref's token, lowest id on ties, over many blocks a row") {
+  DEN_SKIP_WITHOUT_GPU();
+  std::mt19937 rng(53);
+  const kernels::SamplingConfig greedy{0.0f, 0, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0};
+  for (int32_t n_vocab : {1, 37, 1002, 49152, 128256}) {
+    for (int32_t rows : {1, 5}) {
+      std::vector<float> logits = test::random_floats(rng, static_cast<size_t>(rows) * n_vocab, 3.0f);
+      std::uniform_int_distribution<int32_t> pick(0, n_vocab - 1);
+      for (int32_t r = 0; r < rows; ++r) {
+        float* row = logits.data() + static_cast<ptrdiff_t>(r) * n_vocab;
+        if (r % 2 == 1) {  // ties for the top, far apart (different blocks) and neighbours
+          for (int k = 0; k < 4; ++k) row[pick(rng)] = 7.5f;
+          if (n_vocab > 1) row[n_vocab - 1] = row[n_vocab - 2] = 7.5f;
+        }
+        if (r == 4) std::fill(row, row + n_vocab, -INFINITY);  // nothing better than -inf: id 0
+      }
+      std::vector<int32_t> expected(static_cast<size_t>(rows));
+      for (int32_t r = 0; r < rows; ++r) {
+        std::vector<float> row(logits.begin() + static_cast<ptrdiff_t>(r) * n_vocab,
+                               logits.begin() + static_cast<ptrdiff_t>(r + 1) * n_vocab);
+        expected[static_cast<size_t>(r)] = kernels::sample_ref(row.data(), n_vocab, greedy, {}, 0);
+      }
+      const auto d_logits = test::to_device(logits);
+      kernels::DeviceBuffer tokens(static_cast<size_t>(rows) * 4), workspace(kernels::argmax_workspace_bytes(rows));
+      kernels::check(cudaMemset(workspace.get(), 0, workspace.bytes()));
+      for (int launch = 0; launch < 2; ++launch) {  // twice: the counters return to zero
+        kernels::check(cudaMemset(tokens.get(), 0xff, tokens.bytes()));
+        kernels::argmax_cuda(d_logits.as<float>(), rows, n_vocab, tokens.as<int32_t>(), workspace.get(), nullptr);
+        CHECK(test::to_host<int32_t>(tokens, static_cast<size_t>(rows)) == expected);
+      }
+    }
+  }
+}

@@ -44,7 +44,7 @@ bool ensure(DeviceBuffer& buffer, size_t bytes) {
 // What a captured decode step depends on besides the contents of the plan's device arrays:
 // counts and flags, the KV pool, and where the plan's arrays sit.
 using GraphKey = std::tuple<int32_t, int32_t, int32_t, int32_t, int32_t, const void*, int64_t, int32_t,
-                            const void*, cuda::StepPlan::Offsets, bool, bool>;
+                            const void*, cuda::StepPlan::Offsets, bool, bool, bool>;
 
 class CudaBackend final : public Backend {
  public:
@@ -131,7 +131,8 @@ class CudaBackend final : public Backend {
                          plan_.device_buffer(),
                          plan_.layout(),
                          gemv,
-                         plan_.any_logprob()};
+                         plan_.any_logprob(),
+                         plan_.plain_greedy()};
       auto it = graphs_.find(key);
       if (it == graphs_.end()) {
         if (graphs_.size() >= 64) graphs_.clear();
@@ -176,6 +177,11 @@ class CudaBackend final : public Backend {
     moved |= ensure(hidden_, static_cast<size_t>(n * c.n_ff * es));
     moved |= ensure(logits_, static_cast<size_t>(std::max<int64_t>(rows, 1) * c.n_vocab * 4));
     moved |= ensure(sampled_, static_cast<size_t>(std::max(plan_.n_samples(), 1)) * 8);
+    if (ensure(argmax_workspace_, kernels::argmax_workspace_bytes(std::max(plan_.n_samples(), 1)))) {
+      // Its counters must begin at zero (the kernel returns them to zero).
+      kernels::check(cudaMemsetAsync(argmax_workspace_.get(), 0, argmax_workspace_.bytes(), stream_.get()));
+      moved = true;
+    }
     if (ensure(attention_workspace_, plan_.attention_workspace_bytes(c.n_heads, c.head_dim))) {
       // The merge counters at its start must begin at zero (kernels return them to zero).
       kernels::check(cudaMemsetAsync(attention_workspace_.get(), 0, attention_workspace_.bytes(), stream_.get()));
@@ -250,6 +256,11 @@ class CudaBackend final : public Backend {
     }
     if (plan_.n_samples() > 0) {
       float* sample_logits = logits_.as<float>() + static_cast<int64_t>(plan_.n_host_rows()) * c.n_vocab;
+      if (plan_.plain_greedy()) {
+        kernels::argmax_cuda(sample_logits, plan_.n_samples(), c.n_vocab, sampled_.as<int32_t>(),
+                             argmax_workspace_.get(), s);
+        return;
+      }
       kernels::sample_cuda(sample_logits, plan_.n_samples(), c.n_vocab, plan_.configs(), plan_.seen(),
                            plan_.seen_offsets(), plan_.steps(), sampled_.as<int32_t>(),
                            plan_.any_logprob() ? sampled_.as<float>() + plan_.n_samples() : nullptr, s);
@@ -267,15 +278,17 @@ class CudaBackend final : public Backend {
       kernels::check(cudaMemcpyAsync(out.logits.data(), logits_.get(), out.logits.size() * sizeof(float),
                                      cudaMemcpyDeviceToHost, s));
     }
+    // The sampled ids, then their log-probabilities when any was asked for: adjacent on the
+    // device, so one copy, into pinned memory (a pageable copy is staged by the driver).
     const int32_t samples = plan_.n_samples();
-    std::vector<int32_t> tokens(static_cast<size_t>(samples));
-    std::vector<float> logprobs(static_cast<size_t>(samples));
+    const size_t sampled_bytes = static_cast<size_t>(samples) * (plan_.any_logprob() ? 8 : 4);
+    if (sampled_host_.bytes() < sampled_bytes) sampled_host_ = kernels::PinnedBuffer(std::max<size_t>(sampled_bytes * 2, 1024));
     if (samples > 0) {
-      kernels::check(cudaMemcpyAsync(tokens.data(), sampled_.get(), tokens.size() * 4, cudaMemcpyDeviceToHost, s));
-      kernels::check(cudaMemcpyAsync(logprobs.data(), sampled_.as<float>() + samples, logprobs.size() * 4,
-                                     cudaMemcpyDeviceToHost, s));
+      kernels::check(cudaMemcpyAsync(sampled_host_.get(), sampled_.get(), sampled_bytes, cudaMemcpyDeviceToHost, s));
     }
     stream_.synchronize();
+    const int32_t* tokens = sampled_host_.as<int32_t>();
+    const float* logprobs = sampled_host_.as<float>() + samples;
     out.sampled.assign(n_seqs, SampledToken{});
     for (size_t seq = 0; seq < n_seqs; ++seq) {
       const int32_t k = plan_.sample_of_sequence()[seq];
@@ -294,8 +307,9 @@ class CudaBackend final : public Backend {
   cuda::DeviceWeights weights_;
   std::unique_ptr<cuda::CublasHandle> cublas_;
   cuda::StepPlan plan_;
+  kernels::PinnedBuffer sampled_host_;  // the step's sampled ids and log-probabilities
   std::map<GraphKey, kernels::GraphExec> graphs_;
-  DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, hidden_, logits_, sampled_, attention_workspace_;
+  DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, hidden_, logits_, sampled_, attention_workspace_, argmax_workspace_;
   int64_t steps_ = 0, fault_step_ = 0;  // DEN_TEST_GPU_FAULT
   bool fault_kernel_ = false;
 };

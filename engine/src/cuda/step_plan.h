@@ -40,6 +40,9 @@ class StepPlan {
   bool any_logprob() const {
     return std::find(want_logprob_.begin(), want_logprob_.end(), 1) != want_logprob_.end();
   }
+  // Every sample is a plain argmax: temperature 0, no penalty that changes a logit, no
+  // log-probability (kernels::argmax_cuda serves the step).
+  bool plain_greedy() const { return plain_greedy_; }
   int32_t n_splits() const { return n_splits_; }
   const void* device_buffer() const { return device_.get(); }
 
@@ -79,6 +82,7 @@ class StepPlan {
   std::vector<int32_t> sample_of_seq_;
   std::vector<uint8_t> want_logprob_;
   int32_t n_host_rows_ = 0;
+  bool plain_greedy_ = true;
   static constexpr int32_t kMinSplitTokens = 128, kMaxDecodeSplits = 64;
   int32_t n_splits_ = 1;
 

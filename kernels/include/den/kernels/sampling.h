@@ -73,4 +73,15 @@ void sample_cuda(float* logits, int32_t n_rows, int32_t n_vocab, const SamplingC
                  const TokenCount* seen, const int32_t* seen_offsets, const uint64_t* steps, int32_t* tokens,
                  float* logprobs, CudaStream stream);
 
+// Plain greedy rows (temperature 0, no penalty that changes a logit, no log-probability): the
+// argmax of each row, lowest id on ties, as sample_cuda picks it, but spread over many blocks
+// per row (sample_cuda reads a row with one block: 9 us for 128,256 logits on an H200, a
+// thousandth of a 1B-shape step). The blocks' winners meet through the workspace; the last
+// block of a row picks among them. CPU twin: sample_ref with temperature 0.
+// logits: [n_rows, n_vocab] device; tokens: [n_rows] out; workspace: argmax_workspace_bytes(),
+// zeroed once before first use (its counters return to zero after every launch).
+size_t argmax_workspace_bytes(int32_t n_rows);
+void argmax_cuda(const float* logits, int32_t n_rows, int32_t n_vocab, int32_t* tokens, void* workspace,
+                 CudaStream stream);
+
 }  // namespace den::kernels
