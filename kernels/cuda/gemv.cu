@@ -366,16 +366,21 @@ __global__ void __launch_bounds__(THREADS)
       inv_freq = freq_copy;  // read after the loop's barrier
     }
   }
-  // The norm weights are no kernel's output either.
+  // The norm weights are no kernel's output either, nor is an embedding row (the table is a
+  // weight, the ids are the plan's).
+  const int64_t x_row = input.rows != nullptr ? input.rows[0] : 0;
+  const bool embedded = NORMED && input.embed_ids != nullptr;
   float4 gw[NORMED ? P : 1][VEC / 4];
+  uint4 embed_row[NORMED ? P : 1];
   if constexpr (NORMED) {
+    const T* table_row = embedded ? static_cast<const T*>(input.x) + int64_t{input.embed_ids[x_row]} * n_in : nullptr;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
       const int64_t k = (threadIdx.x + int64_t{i} * THREADS) * VEC;
+      if (k >= n_in) continue;
 #pragma unroll
-      for (int j = 0; j < VEC; j += 4) {
-        if (k < n_in) gw[i][j / 4] = *reinterpret_cast<const float4*>(input.norm_weight + k + j);
-      }
+      for (int j = 0; j < VEC; j += 4) gw[i][j / 4] = *reinterpret_cast<const float4*>(input.norm_weight + k + j);
+      if (embedded) embed_row[i] = *reinterpret_cast<const uint4*>(table_row + k);
     }
   }
   pdl_wait();
@@ -396,23 +401,36 @@ __global__ void __launch_bounds__(THREADS)
   // step to produce the scale.
   float xf[NORMED ? P : 1][VEC];
   uint4 xp[NORMED ? 1 : P];
-  const int64_t x_row = input.rows != nullptr ? input.rows[0] : 0;
   float sum_squares[1] = {0.0f};
 #pragma unroll
   for (int i = 0; i < P; ++i) {
     const int64_t k = (threadIdx.x + int64_t{i} * THREADS) * VEC;
     if (k >= n_in) continue;
     if constexpr (NORMED) {
-      const float* xr = static_cast<const float*>(input.x) + x_row * n_in + k;
+      if (embedded) {
+        const T* e = reinterpret_cast<const T*>(&embed_row[i]);
 #pragma unroll
-      for (int j = 0; j < VEC; j += 4) {
-        const float4 v = *reinterpret_cast<const float4*>(xr + j);
-        xf[i][j] = v.x;
-        xf[i][j + 1] = v.y;
-        xf[i][j + 2] = v.z;
-        xf[i][j + 3] = v.w;
-        sum_squares[0] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        for (int j = 0; j < VEC; ++j) xf[i][j] = to_float<T>(e[j]);
+        if (blockIdx.x == 0) {  // the residual stream starts as the embedding row
+          float* out = input.embed_out + x_row * n_in + k;
+#pragma unroll
+          for (int j = 0; j < VEC; j += 4) {
+            *reinterpret_cast<float4*>(out + j) = make_float4(xf[i][j], xf[i][j + 1], xf[i][j + 2], xf[i][j + 3]);
+          }
+        }
+      } else {
+        const float* xr = static_cast<const float*>(input.x) + x_row * n_in + k;
+#pragma unroll
+        for (int j = 0; j < VEC; j += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(xr + j);
+          xf[i][j] = v.x;
+          xf[i][j + 1] = v.y;
+          xf[i][j + 2] = v.z;
+          xf[i][j + 3] = v.w;
+        }
       }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum_squares[0] += xf[i][j] * xf[i][j];
     } else {
       xp[i] = *reinterpret_cast<const uint4*>(static_cast<const T*>(input.x) + x_row * n_in + k);
     }
@@ -557,6 +575,10 @@ bool gemv_supported(DType weight_type, int64_t n_in, int32_t n_tokens) {
   return n_tokens >= 1 && n_tokens <= kGemvMaxTokens && n_in % vec == 0 && n_in % 4 == 0;
 }
 
+bool gemv_gathers_embedding(DType weight_type, int64_t n_in, int32_t n_tokens) {
+  return gemv_supported(weight_type, n_in, n_tokens) && slice_path(weight_type, n_in, n_tokens);
+}
+
 void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
                int32_t n_tokens, GemvEpilogue epilogue, void* y, const GemvRope* rope, CudaStream stream) {
   if (!gemv_supported(weight_type, n_in, n_tokens)) throw std::invalid_argument("gemv: unsupported shape");
@@ -565,6 +587,10 @@ void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_o
     throw std::invalid_argument("gemv: the fused RoPE needs n_rot == head_dim and KV in the weight type");
   }
   if (input.norm_weight != nullptr && !(input.eps >= 0.0f)) throw std::invalid_argument("gemv: the norm's eps must be >= 0");
+  if (input.embed_ids != nullptr &&
+      (!gemv_gathers_embedding(weight_type, n_in, n_tokens) || input.norm_weight == nullptr || input.embed_out == nullptr)) {
+    throw std::invalid_argument("gemv: an embedding-table input needs the single-token kernel, a norm and embed_out");
+  }
   const int64_t n_pairs = pair_count(epilogue, n_out);
   const GemvRope no_rope{};
   if (slice_path(weight_type, n_in, n_tokens)) {

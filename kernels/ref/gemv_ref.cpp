@@ -47,7 +47,12 @@ void gemv_ref(const void* weights, DType wt, int64_t n_in, int64_t n_out, const 
   std::vector<float> x(static_cast<size_t>(n_tokens * n_in));
   for (int32_t t = 0; t < n_tokens; ++t) {
     const int64_t row = input.rows != nullptr ? input.rows[t] : t;
-    if (input.norm_weight != nullptr) {
+    if (input.norm_weight != nullptr && input.embed_ids != nullptr) {
+      // The embedding row, in float, is the residual stream and the norm's input.
+      float* residual = input.embed_out + row * n_in;
+      for (int64_t k = 0; k < n_in; ++k) residual[k] = element(input.x, wt, int64_t{input.embed_ids[row]} * n_in + k);
+      rmsnorm_ref(residual, input.norm_weight, x.data() + t * n_in, 1, n_in, input.eps);
+    } else if (input.norm_weight != nullptr) {
       rmsnorm_ref(static_cast<const float*>(input.x) + row * n_in, input.norm_weight, x.data() + t * n_in, 1, n_in,
                   input.eps);
     } else {

@@ -101,6 +101,44 @@ TEST_CASE("gemv_cuda at the 1B shape's single-token products") {
   check_product(rng, DType::f16, 1, 2048, 3072, GemvEpilogue::store, true);
 }
 
+TEST_CASE("gemv_cuda reads a first layer's input from the embedding table and starts the residual stream") {
+  DEN_SKIP_WITHOUT_GPU();
+  std::mt19937 rng(65);
+  for (DType t : {DType::bf16, DType::f16}) {
+    for (auto [n_in, n_out] : {std::pair<int64_t, int64_t>{2048, 3072}, {576, 74}, {4096, 1002}}) {
+      const int64_t n_vocab = 301;
+      const Stored table(test::random_floats(rng, static_cast<size_t>(n_vocab * n_in), 1.0f), t);
+      const Stored w(test::random_floats(rng, static_cast<size_t>(n_in * n_out), 0.05f), t);
+      const auto norm_w = test::random_floats(rng, static_cast<size_t>(n_in));
+      const std::vector<int32_t> ids = {7, 283};  // token 0's row is rows[0] = 1: id 283
+      const std::vector<int32_t> rows = {1};
+      const auto d_norm = test::to_device(norm_w), d_ids = test::to_device(ids), d_rows = test::to_device(rows);
+      std::vector<float> ref_y(static_cast<size_t>(n_out)), ref_x(static_cast<size_t>(2 * n_in), -1.0f);
+      kernels::GemvInput host_in{table.host(), rows.data(), norm_w.data(), 1e-5f, ids.data(), ref_x.data()};
+      kernels::gemv_ref(w.host(), t, n_in, n_out, host_in, 1, GemvEpilogue::store, ref_y.data(), nullptr);
+      kernels::DeviceBuffer y(static_cast<size_t>(n_out) * 4);
+      const auto x = test::to_device(std::vector<float>(static_cast<size_t>(2 * n_in), -1.0f));
+      kernels::GemvInput dev_in{table.d.get(), d_rows.as<int32_t>(), d_norm.as<float>(), 1e-5f, d_ids.as<int32_t>(),
+                                x.as<float>()};
+      kernels::gemv_cuda(w.d.get(), t, n_in, n_out, dev_in, 1, GemvEpilogue::store, y.get(), nullptr, nullptr);
+      const std::string what = std::string(kernels::dtype_name(t)) + " " + std::to_string(n_out) + "x" +
+                               std::to_string(n_in);
+      test::check_close(test::compare(test::to_host<float>(y, ref_y.size()), ref_y), 1e-10, "gemv from the embedding " + what);
+      // The residual row is the table row exactly; the other row is untouched.
+      CHECK(test::to_host<float>(x, ref_x.size()) == ref_x);
+    }
+  }
+  // Anywhere but the single-token kernel, an embedding-table input is refused.
+  const auto table = test::to_device(std::vector<float>(64 * 16, 1.0f));
+  const auto w = test::to_device(std::vector<float>(64 * 8, 1.0f));
+  const auto norm = test::to_device(std::vector<float>(64, 1.0f));
+  const auto ids = test::to_device(std::vector<int32_t>{3});
+  kernels::DeviceBuffer x(64 * 4), y(8 * 4);
+  const kernels::GemvInput f32_in{table.get(), nullptr, norm.as<float>(), 1e-5f, ids.as<int32_t>(), x.as<float>()};
+  CHECK_THROWS_AS(kernels::gemv_cuda(w.get(), DType::f32, 64, 8, f32_in, 1, GemvEpilogue::store, y.get(), nullptr, nullptr),
+                  std::invalid_argument);
+}
+
 TEST_CASE("gemv_cuda rope_store: Q out, K/V into their pages, both RoPE pairings") {
   DEN_SKIP_WITHOUT_GPU();
   std::mt19937 rng(62);

@@ -200,12 +200,18 @@ class CudaBackend final : public Backend {
     float* x = x_.as<float>();
     const bool fused_rope = c.n_rot == c.head_dim;
 
-    kernels::embedding_gather_cuda(weights_.token_embd.get(), type_, plan_.ids(), n, c.n_embd, x, s);
+    // Single-token steps read the embedding row inside the first Q/K/V product, which also
+    // starts the residual stream; other steps gather it first.
+    const bool fold_embedding = gemv && kernels::gemv_gathers_embedding(type_, c.n_embd, tokens);
+    if (!fold_embedding) kernels::embedding_gather_cuda(weights_.token_embd.get(), type_, plan_.ids(), n, c.n_embd, x, s);
     for (int32_t layer = 0; layer < c.n_layers; ++layer) {
       if (arrival != nullptr) arrival->before_layer(layer, s);
       const cuda::DeviceLayer& w = weights_.layers[static_cast<size_t>(layer)];
       if (gemv) {
-        const kernels::GemvInput normed{x, nullptr, w.attn_norm.as<float>(), c.rms_eps};
+        const kernels::GemvInput normed = fold_embedding && layer == 0
+                                              ? kernels::GemvInput{weights_.token_embd.get(), nullptr, w.attn_norm.as<float>(),
+                                                                   c.rms_eps, plan_.ids(), x}
+                                              : kernels::GemvInput{x, nullptr, w.attn_norm.as<float>(), c.rms_eps};
         if (fused_rope) {
           const kernels::GemvRope rope{shape, w.qkv_bias.as<float>(), weights_.inv_freq.as<float>(), kv, batch, layer};
           kernels::gemv_cuda(w.qkv.get(), type_, c.n_embd, shape.row(), normed, tokens, kernels::GemvEpilogue::rope_store,

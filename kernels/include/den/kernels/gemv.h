@@ -37,6 +37,12 @@ struct GemvInput {
   // [n_in]: RMSNorm first, norm_weight * (x_t / sqrt(mean(x_t^2) + eps)) (x must be float)
   const float* norm_weight = nullptr;
   float eps = 1e-5f;
+  // The first layer's products, with norm_weight: x is the token-embedding table (weight type,
+  // [n_vocab, n_in]) and token t's input its row embed_ids[row]; the first block also writes
+  // that row, in float, to embed_out [*, n_in] (the residual stream), so no gather kernel
+  // runs before. Only where gemv_gathers_embedding().
+  const int32_t* embed_ids = nullptr;
+  float* embed_out = nullptr;
 };
 
 // For the rope_store epilogue.
@@ -65,6 +71,9 @@ void gemv_ref(const void* weights, DType weight_type, int64_t n_in, int64_t n_ou
 
 // True when the product can run here: 1..8 tokens, n_in a multiple of the 16-byte vector.
 bool gemv_supported(DType weight_type, int64_t n_in, int32_t n_tokens);
+// True when the product can read its input from the embedding table (GemvInput::embed_ids):
+// the single-token kernel (one token, half weights, rows of up to 16,384).
+bool gemv_gathers_embedding(DType weight_type, int64_t n_in, int32_t n_tokens);
 
 // weights: [n_out, n_in] in weight_type (device)
 void gemv_cuda(const void* weights, DType weight_type, int64_t n_in, int64_t n_out, const GemvInput& input,
