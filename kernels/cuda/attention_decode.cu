@@ -306,7 +306,10 @@ __global__ void __launch_bounds__(W * 32)
       partial[row * HD + col] = total;
     }
   }
-  if (single) return;
+  if (single) {
+    timeline_end();
+    return;
+  }
 
   // The last split to finish merges all of them. The barrier orders the block's partial writes
   // before thread 0's release (as in a grid barrier); its acquire, then the second barrier, make
@@ -320,7 +323,10 @@ __global__ void __launch_bounds__(W * 32)
     if (last) arrivals.store(0, cuda::memory_order_relaxed);  // ready for the next launch
   }
   __syncthreads();
-  if (!last) return;
+  if (!last) {
+    timeline_end();
+    return;
+  }
   // The splits' states come to shared memory (the tile buffers, free now) in chunks: each
   // chunk's accumulators by cp.async (L2 only: other blocks wrote them) while its (max, sum)
   // pairs are loaded beside them, so a chunk costs one round trip whatever its size, without
@@ -394,6 +400,7 @@ __global__ void __launch_bounds__(W * 32)
     dst[2] = from_float<T>(a[j].z * inv);
     dst[3] = from_float<T>(a[j].w * inv);
   }
+  timeline_end();
 }
 
 // The SM's shared memory and what the driver reserves for each block.

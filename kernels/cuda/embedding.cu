@@ -15,6 +15,7 @@ __global__ void embedding_gather_kernel(const T* __restrict__ table, const int32
   const T* row = table + static_cast<int64_t>(ids[blockIdx.x]) * dim;
   float* dst = out + static_cast<int64_t>(blockIdx.x) * dim;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = to_float<T>(row[i]);
+  timeline_end();
 }
 
 }  // namespace

@@ -295,6 +295,7 @@ __global__ void __launch_bounds__(kThreads)
       finish_pair<T>(epilogue, lane, pair, r, second, a0, a1, n_out, y, rope, target, rope.inv_freq);
     }
   }
+  timeline_end();
 }
 
 // Single-token products (the batch-1 decode step, where every weight byte is read for one
@@ -511,6 +512,7 @@ __global__ void __launch_bounds__(THREADS)
     }
     cur = next;
   }
+  timeline_end();
 }
 
 // Whether the single-token kernel takes this product (half types, n_in within its pieces).

@@ -10,18 +10,26 @@
 #include <cuda_runtime.h>
 
 #include "den/kernels/cuda_check.h"
+#include "timeline.cuh"
 
 namespace den::kernels {
 
 __device__ __forceinline__ void pdl_wait() {
+  unsigned long long* timeline = timeline_before_wait();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+  timeline_waited(timeline);
 }
 
 __device__ __forceinline__ void pdl_allow_next() {
+  timeline_started();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#ifdef DEN_KERNEL_TIMELINE
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // after the block's stamp
+#else
   asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
 #endif
 }
 
@@ -39,6 +47,7 @@ void launch_chained(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
+  timeline_launch(grid);
   if (pdl_supported()) {
     config.attrs = &attribute;
     config.numAttrs = 1;

@@ -378,6 +378,7 @@ __global__ void __launch_bounds__(kThreads)
       logprobs[row] = static_cast<float>(static_cast<double>(raw - raw_max) - log(raw_sum));
     }
   }
+  timeline_end();
 }
 
 // Argmax over a slice of a row per block (see argmax_cuda).
@@ -447,7 +448,10 @@ __global__ void __launch_bounds__(kArgmaxThreads)
     if (last) arrivals.store(0, cuda::memory_order_relaxed);  // ready for the next launch
   }
   __syncthreads();
-  if (!last) return;
+  if (!last) {
+    timeline_end();
+    return;
+  }
   best = -INFINITY;
   index = n_vocab;
   if (threadIdx.x < chunks) {
@@ -456,6 +460,7 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   }
   const ArgmaxCandidate winner = block_best(best, index);
   if (threadIdx.x == 0) tokens[row] = winner.index;
+  timeline_end();
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -25,6 +26,7 @@
 #include "den/kernels/rmsnorm.h"
 #include "den/kernels/sampling.h"
 #include "den/kernels/swiglu.h"
+#include "den/kernels/timeline.h"
 #include "device_weights.h"
 #include "step_plan.h"
 
@@ -60,6 +62,7 @@ class CudaBackend final : public Backend {
     weights_ = cuda::upload_weights(model, type_, stream_.get(), threads);
     cublas_ = std::make_unique<cuda::CublasHandle>(stream_.get(), size_t{32} << 20);
     read_test_fault();
+    read_timeline_request();
   }
 
   std::string_view name() const override { return "cuda"; }
@@ -95,6 +98,44 @@ class CudaBackend final : public Backend {
       throw std::invalid_argument("DEN_TEST_GPU_FAULT: expected kernel@N or alloc@N (N >= 1), got '" + std::string(s) + "'");
     fault_kernel_ = kind == "kernel";
     fault_step_ = step;
+  }
+
+  // DEN_KERNEL_TIMELINE=FILE (a -DDEN_KERNEL_TIMELINE=ON build): decode steps
+  // DEN_KERNEL_TIMELINE_STEP (default 20) to that + 2, when replayed from a graph, leave their
+  // kernels' block stamps in FILE.<step> (format: write_timeline).
+  void read_timeline_request() {
+    const char* path = std::getenv("DEN_KERNEL_TIMELINE");
+    if (path == nullptr || *path == '\0') return;
+    const char* step = std::getenv("DEN_KERNEL_TIMELINE_STEP");
+    timeline_first_step_ = step != nullptr && *step != '\0' ? std::atoll(step) : 20;
+    if (timeline_first_step_ < 1) throw std::invalid_argument("DEN_KERNEL_TIMELINE_STEP: expected a step number >= 1");
+    constexpr uint64_t kCapacity = uint64_t{1} << 20;  // blocks: a 32-layer step launches about 50,000
+    try {
+      timeline_ = DeviceBuffer(kernels::kernel_timeline_bytes(kCapacity));
+      kernels::kernel_timeline_attach(timeline_.get(), kCapacity);
+    } catch (const std::logic_error& e) {
+      throw std::invalid_argument(std::string("DEN_KERNEL_TIMELINE: ") + e.what());
+    }
+    timeline_path_ = path;
+  }
+
+  // One line per chained launch of the graph ("L blocks"), then one per block in the order the
+  // blocks started ("B start wait grid_and_block end", nanoseconds of the GPU's global timer;
+  // see kernels::KernelTimelineEntry). scripts/timeline-summary reads it.
+  void write_timeline(const std::vector<uint32_t>& launches) {
+    const auto entries = kernels::kernel_timeline_read(timeline_.get());
+    const std::string path = timeline_path_ + "." + std::to_string(timeline_steps_);
+    FILE* f = std::fopen(path.c_str(), "w");
+    if (f == nullptr) throw std::runtime_error("DEN_KERNEL_TIMELINE: cannot write " + path);
+    std::fprintf(f, "# den kernel timeline: decode step %lld, %zu launches, %zu blocks\n",
+                 static_cast<long long>(timeline_steps_), launches.size(), entries.size());
+    for (uint32_t blocks : launches) std::fprintf(f, "L %u\n", blocks);
+    for (const auto& e : entries) {
+      std::fprintf(f, "B %llu %llu %llu %llu\n", static_cast<unsigned long long>(e.start_ns),
+                   static_cast<unsigned long long>(e.wait_ns), static_cast<unsigned long long>(e.grid_and_block),
+                   static_cast<unsigned long long>(e.end_ns));
+    }
+    if (std::fclose(f) != 0) throw std::runtime_error("DEN_KERNEL_TIMELINE: cannot write " + path);
   }
 
   void inject_test_fault() {
@@ -136,14 +177,24 @@ class CudaBackend final : public Backend {
       auto it = graphs_.find(key);
       if (it == graphs_.end()) {
         if (graphs_.size() >= 64) graphs_.clear();
+        kernels::kernel_timeline_launches().clear();
         kernels::check(cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal));
         run_layers(kv, n, gemv, nullptr);
         cudaGraph_t graph = nullptr;
         kernels::check(cudaStreamEndCapture(stream_.get(), &graph));
         const kernels::Graph captured(graph);
-        it = graphs_.emplace(key, kernels::GraphExec(captured.get())).first;
+        it = graphs_.emplace(key, CapturedStep{kernels::GraphExec(captured.get()), kernels::kernel_timeline_launches()})
+                 .first;
       }
-      it->second.launch(stream_.get());
+      const bool record = timeline_.get() != nullptr && ++timeline_steps_ >= timeline_first_step_ &&
+                          timeline_steps_ < timeline_first_step_ + 3;
+      if (record) kernels::kernel_timeline_reset(timeline_.get(), stream_.get());
+      it->second.graph.launch(stream_.get());
+      if (record) {
+        finish(out, batch.size());
+        write_timeline(it->second.timeline_launches);
+        return;
+      }
     } else {
       run_layers(kv, n, gemv, arrival);
     }
@@ -314,10 +365,17 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::CublasHandle> cublas_;
   cuda::StepPlan plan_;
   kernels::PinnedBuffer sampled_host_;  // the step's sampled ids and log-probabilities
-  std::map<GraphKey, kernels::GraphExec> graphs_;
+  struct CapturedStep {
+    kernels::GraphExec graph;
+    std::vector<uint32_t> timeline_launches;  // block counts of its chained launches (a timeline build)
+  };
+  std::map<GraphKey, CapturedStep> graphs_;
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, hidden_, logits_, sampled_, attention_workspace_, argmax_workspace_;
   int64_t steps_ = 0, fault_step_ = 0;  // DEN_TEST_GPU_FAULT
   bool fault_kernel_ = false;
+  DeviceBuffer timeline_;  // DEN_KERNEL_TIMELINE
+  std::string timeline_path_;
+  int64_t timeline_first_step_ = 0, timeline_steps_ = 0;
 };
 
 }  // namespace
