@@ -65,6 +65,17 @@ class CudaBackend final : public Backend {
     read_timeline_request();
   }
 
+  ~CudaBackend() override {
+    // The kernels point at this backend's timeline buffer until detached (one such backend a
+    // process: a second one's buffer would take the stamps of both).
+    if (timeline_.get() != nullptr) {
+      try {
+        kernels::kernel_timeline_attach(nullptr, 0);
+      } catch (...) {  // a lost device: nothing runs to write through the pointer
+      }
+    }
+  }
+
   std::string_view name() const override { return "cuda"; }
   kernels::DType kv_dtype() const override { return type_; }
   bool kv_on_device() const override { return true; }
