@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
-#include <cuda/atomic>
 
 #include "attention_common.cuh"
 #include "count_dispatch.h"
@@ -316,12 +315,7 @@ __global__ void __launch_bounds__(W * 32)
   // every other split's writes visible to the whole block: one round trip to L2, no full fences.
   __shared__ bool last;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int32_t* counter = counters + static_cast<int64_t>(d) * kv.layout.n_kv_heads + kv_head;
-    cuda::atomic_ref<int32_t, cuda::thread_scope_device> arrivals(*counter);
-    last = arrivals.fetch_add(1, cuda::memory_order_acq_rel) == used - 1;
-    if (last) arrivals.store(0, cuda::memory_order_relaxed);  // ready for the next launch
-  }
+  if (threadIdx.x == 0) last = arrive_last(counters + static_cast<int64_t>(d) * kv.layout.n_kv_heads + kv_head, used);
   __syncthreads();
   if (!last) {
     timeline_end();

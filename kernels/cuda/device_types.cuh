@@ -1,9 +1,11 @@
 // Device-side element conversions and 16-byte vector access for float, half and bfloat16, and
-// the one switch that turns a run-time DType into a template argument. Private to kernels/cuda.
+// the one switch that turns a run-time DType into a template argument, warp reductions and the
+// last-block arrival count. Private to kernels/cuda.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda/atomic>
 
 #include <cstdint>
 #include <algorithm>
@@ -104,6 +106,17 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
+}
+
+// One thread per block counts its block in at `counter`, after the block's writes that the
+// last one will read (release), and learns whether it is the last of `expected` (acquire: the
+// others' writes are visible to it, and to its block after a barrier). The last one returns
+// the counter to zero for the next launch.
+__device__ __forceinline__ bool arrive_last(int32_t* counter, int32_t expected) {
+  cuda::atomic_ref<int32_t, cuda::thread_scope_device> arrivals(*counter);
+  const bool last = arrivals.fetch_add(1, cuda::memory_order_acq_rel) == expected - 1;
+  if (last) arrivals.store(0, cuda::memory_order_relaxed);
+  return last;
 }
 
 }  // namespace den::kernels

@@ -12,7 +12,6 @@
 #include <cfloat>
 #include <cmath>
 #include <stdexcept>
-#include <cuda/atomic>
 
 #include "den/kernels/cuda_check.h"
 #include "den/kernels/sampling.h"
@@ -57,24 +56,22 @@ __device__ double block_sum(double v, BlockScratch& s) {
   return r;
 }
 
+// Keeps (v, i) when it beats (best, index): a larger value, or the same at a lower index.
+__device__ __forceinline__ void keep_better(float& best, int& index, float v, int i) {
+  if (v > best || (v == best && i < index)) {
+    best = v;
+    index = i;
+  }
+}
+
 // (value, index) argmax, lowest index on ties.
 __device__ int block_argmax(const float* l, int n, BlockScratch& s) {
   float best = -INFINITY;
   int index = n;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    if (l[i] > best || (l[i] == best && i < index)) {
-      best = l[i];
-      index = i;
-    }
-  }
+  for (int i = threadIdx.x; i < n; i += kThreads) keep_better(best, index, l[i], i);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) {
-    const float ob = __shfl_xor_sync(0xffffffffu, best, off);
-    const int oi = __shfl_xor_sync(0xffffffffu, index, off);
-    if (ob > best || (ob == best && oi < index)) {
-      best = ob;
-      index = oi;
-    }
+    keep_better(best, index, __shfl_xor_sync(0xffffffffu, best, off), __shfl_xor_sync(0xffffffffu, index, off));
   }
   if (threadIdx.x % 32 == 0) {
     s.f[threadIdx.x / 32] = best;
@@ -83,12 +80,7 @@ __device__ int block_argmax(const float* l, int n, BlockScratch& s) {
   __syncthreads();
   float b = s.f[0];
   int r = s.i[0];
-  for (int w = 1; w < kThreads / 32; ++w) {
-    if (s.f[w] > b || (s.f[w] == b && s.i[w] < r)) {
-      b = s.f[w];
-      r = s.i[w];
-    }
-  }
+  for (int w = 1; w < kThreads / 32; ++w) keep_better(b, r, s.f[w], s.i[w]);
   __syncthreads();
   return r;
 }
@@ -391,13 +383,6 @@ struct ArgmaxCandidate {
   int32_t index;
 };
 
-__device__ __forceinline__ void keep_better(float& best, int& index, float v, int i) {
-  if (v > best || (v == best && i < index)) {
-    best = v;
-    index = i;
-  }
-}
-
 // The block's best (value, index) in thread 0.
 __device__ ArgmaxCandidate block_best(float best, int index) {
   __shared__ ArgmaxCandidate warp_best[kArgmaxThreads / 32];
@@ -443,9 +428,7 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   __shared__ bool last;
   if (threadIdx.x == 0) {
     candidates[row * chunks + chunk] = mine;
-    cuda::atomic_ref<int32_t, cuda::thread_scope_device> arrivals(counters[row]);
-    last = arrivals.fetch_add(1, cuda::memory_order_acq_rel) == chunks - 1;
-    if (last) arrivals.store(0, cuda::memory_order_relaxed);  // ready for the next launch
+    last = arrive_last(counters + row, chunks);
   }
   __syncthreads();
   if (!last) {
