@@ -175,6 +175,13 @@ TEST_CASE("paged attention fast paths match the reference (decode with splits, p
   check_attention(DType::bf16, 128, 8, 2, mixed, rng, 16, 64);
   check_attention(DType::bf16, 64, 8, 2, mixed, rng, 16, 7, 16);
   check_attention(DType::f16, 128, 8, 2, mixed, rng, 32, 128, 1);
+  // One decode sequence: a grid no larger than the GPU, whose splits (at most 8 on Hopper) merge
+  // inside a cluster. Every split in use; 5 of 8 in use (idle blocks still merge their slices);
+  // one in use (no exchange); 6 splits, whose slices do not divide the heads evenly.
+  check_attention(DType::bf16, 128, 8, 2, {{1001, 1002}}, rng, 16, 16, 64);
+  check_attention(DType::bf16, 64, 6, 2, {{299, 300}}, rng, 16, 8, 64);
+  check_attention(DType::f16, 64, 8, 2, {{36, 37}}, rng, 16, 8, 64);
+  check_attention(DType::bf16, 128, 6, 2, {{4999, 5000}}, rng, 16, 6, 64);
 }
 
 TEST_CASE("paged attention generic kernel (f32 KV, small heads) matches the reference") {
