@@ -175,9 +175,9 @@ TEST_CASE("paged attention fast paths match the reference (decode with splits, p
   check_attention(DType::bf16, 128, 8, 2, mixed, rng, 16, 64);
   check_attention(DType::bf16, 64, 8, 2, mixed, rng, 16, 7, 16);
   check_attention(DType::f16, 128, 8, 2, mixed, rng, 32, 128, 1);
-  // One decode sequence: a grid no larger than the GPU, whose splits (at most 8 on Hopper) merge
-  // inside a cluster. Every split in use; 5 of 8 in use (idle blocks still merge their slices);
-  // one in use (no exchange); 6 splits, whose slices do not divide the heads evenly.
+  // One decode sequence: a sparse grid (no more blocks than SMs: the 8-warp instance). 16
+  // splits of which 16 are used; 5 of 8 used (idle blocks return at once); one used (no merge);
+  // 6 of 6.
   check_attention(DType::bf16, 128, 8, 2, {{1001, 1002}}, rng, 16, 16, 64);
   check_attention(DType::bf16, 64, 6, 2, {{299, 300}}, rng, 16, 8, 64);
   check_attention(DType::f16, 64, 8, 2, {{36, 37}}, rng, 16, 8, 64);
