@@ -357,13 +357,6 @@ __global__ void __launch_bounds__(THREADS)
 
   Step cur, next;
   if (begin < end) load_step(begin, cur);
-  // With one piece a thread, the second step's weights go before the wait as well: a block of
-  // two steps (the 1B shape's Q/K/V product) then has all its loads in flight before its input
-  // exists, and longer ones start a step further ahead (1B batch 1 at 1K, H200, in one run:
-  // +1.2% tok/s, Q/K/V 5.2 µs against 6.3). Wider rows would keep both steps' registers live
-  // through the norm: 120 to 148 registers at two pieces, one block an SM instead of two.
-  constexpr bool hoist = P == 1;
-  if (hoist && begin + PAIRS < end) load_step(begin + PAIRS, next);
   // The epilogue's lookups in the plan, and the RoPE frequencies, before the wait too.
   RopeTarget target{};
   const float* inv_freq = rope.inv_freq;
@@ -463,7 +456,7 @@ __global__ void __launch_bounds__(THREADS)
 
   int buf = 0;
   for (int64_t first = begin; first < end; first += PAIRS, buf ^= 1) {
-    if ((!hoist || first != begin) && first + PAIRS < end) load_step(first + PAIRS, next);
+    if (first + PAIRS < end) load_step(first + PAIRS, next);
     float acc[PAIRS][2];
 #pragma unroll
     for (int q = 0; q < PAIRS; ++q) acc[q][0] = acc[q][1] = 0.0f;
