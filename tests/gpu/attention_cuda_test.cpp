@@ -1,6 +1,6 @@
 // Paged attention on the GPU against paged_attention_head_ref: decode sequences up to 5000
 // positions with KV splits (4, 7, 64 and 128 at most, each sequence cut by its own length; and
-// single sequences, whose grids take the sparse 8-warp instance, at 16, 8, 6 and 1 splits in use),
+// single sequences, whose grids take the sparse 8-warp instance, with 16, 6, 5 and 1 splits in use),
 // prefill tiles, GQA groups of 3 and 4, blocks of 16 tokens (and 5, 12 and 32 for the decode
 // lookups), f16/bf16 at head sizes 64 and 128 (the fast paths) and f32 at 8 and 40 (the generic
 // kernel). Both sides read the very same KV bytes and the same rounded queries; unused pool
