@@ -1,6 +1,7 @@
 // Host side of the kernel timeline (den/kernels/timeline.h).
 #include "den/kernels/timeline.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "den/kernels/cuda_check.h"

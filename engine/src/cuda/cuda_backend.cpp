@@ -5,8 +5,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <tuple>
@@ -169,6 +169,7 @@ class CudaBackend final : public Backend {
     if (reserve(n, plan_.n_logit_rows())) graphs_.clear();
     plan_.upload(stream_.get());
     const bool gemv = use_gemv(n);
+    const std::vector<uint32_t>* recorded_launches = nullptr;  // a replay whose timeline to write
     if (plan_.decode_only() && arrival == nullptr) {
       // Decode steps replay a captured graph: one launch instead of a hundred or more. A step
       // whose KV is still arriving waits on events per layer and runs eagerly instead.
@@ -201,15 +202,12 @@ class CudaBackend final : public Backend {
                           timeline_steps_ < timeline_first_step_ + 3;
       if (record) kernels::kernel_timeline_reset(timeline_.get(), stream_.get());
       it->second.graph.launch(stream_.get());
-      if (record) {
-        finish(out, batch.size());
-        write_timeline(it->second.timeline_launches);
-        return;
-      }
+      if (record) recorded_launches = &it->second.timeline_launches;
     } else {
       run_layers(kv, n, gemv, arrival);
     }
     finish(out, batch.size());
+    if (recorded_launches != nullptr) write_timeline(*recorded_launches);
   }
 
   // Single-token steps use the fused GEMV kernels; larger ones cuBLAS. The GEMV reads x once

@@ -82,7 +82,7 @@ void StepPlan::build(std::span<const SequenceInput> batch, int32_t n_heads, bool
                             (c.repeat_penalty == 1.0f && c.presence_penalty == 0.0f && c.frequency_penalty == 0.0f);
     if (c.temperature > 0.0f || !no_penalty || want_logprob_[k] != 0) plain_greedy_ = false;
   }
-    n_host_rows_ = static_cast<int32_t>(logit_rows_.size());
+  n_host_rows_ = static_cast<int32_t>(logit_rows_.size());
   logit_rows_.insert(logit_rows_.end(), sample_rows.begin(), sample_rows.end());
 
   // Split decode contexts into as many splits as fill the attention blocks the GPU holds at once
