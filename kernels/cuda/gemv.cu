@@ -198,6 +198,9 @@ __global__ void __launch_bounds__(kThreads)
   int64_t pair = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   PairPieces cur, next;
   if (pair < n_pairs) load_pieces(pair, first, cur);
+  // Lane t finishes token t of every pair it sums: its RoPE target (the plan's, so before the
+  // wait) is the same for all of them.
+  const RopeTarget target = epilogue == GemvEpilogue::rope_store && lane < B ? rope_target(rope, lane) : RopeTarget{};
   pdl_wait();
   if (normed) {
     // Each block computes the norm of its input rows itself (they are read through L1 anyway).
@@ -290,10 +293,7 @@ __global__ void __launch_bounds__(kThreads)
         a1 = s1;
       }
     }
-    if (lane < B) {
-      const RopeTarget target = epilogue == GemvEpilogue::rope_store ? rope_target(rope, lane) : RopeTarget{};
-      finish_pair<T>(epilogue, lane, pair, r, second, a0, a1, n_out, y, rope, target, rope.inv_freq);
-    }
+    if (lane < B) finish_pair<T>(epilogue, lane, pair, r, second, a0, a1, n_out, y, rope, target, rope.inv_freq);
   }
   timeline_end();
 }
