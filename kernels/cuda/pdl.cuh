@@ -3,6 +3,11 @@
 // writes (weights, the step's plan) until pdl_wait() returns, when the predecessor has
 // completed and its writes are visible. Each chained kernel also calls pdl_allow_next() early,
 // so the next one's prologue (weight loads, table lookups) overlaps this one's tail.
+// The predecessor's outputs are read after pdl_wait() with coherent loads (plain loads through a
+// pointer the kernel also writes, __ldcg, cp.async.cg), never through the non-coherent path that
+// nvcc gives plain loads from a `const T* __restrict__` parameter (ld.global.nc): that path
+// requires the data to stay unchanged for the kernel's whole lifetime, and a chained kernel
+// starts while its predecessor still writes.
 // On GPUs before sm_90 the attribute is not set and both calls compile to nothing.
 // Private to kernels/cuda.
 #pragma once

@@ -409,18 +409,19 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   const int lo = static_cast<int>(static_cast<int64_t>(chunk) * n_vocab / chunks);
   const int hi = static_cast<int>(static_cast<int64_t>(chunk + 1) * n_vocab / chunks);
   // Each thread's indices increase, so a strict comparison keeps its lowest id on ties; the
-  // loads of a round are independent, all in flight at once.
+  // loads of a round are independent, all in flight at once. Through L2 (pdl.cuh: the logits
+  // are the chained predecessor's output).
   float best = -INFINITY;
   int index = n_vocab;
   int i = lo + static_cast<int>(threadIdx.x);
   for (; i + (kArgmaxUnroll - 1) * kArgmaxThreads < hi; i += kArgmaxUnroll * kArgmaxThreads) {
     float v[kArgmaxUnroll];
 #pragma unroll
-    for (int u = 0; u < kArgmaxUnroll; ++u) v[u] = l[i + u * kArgmaxThreads];
+    for (int u = 0; u < kArgmaxUnroll; ++u) v[u] = __ldcg(l + i + u * kArgmaxThreads);
 #pragma unroll
     for (int u = 0; u < kArgmaxUnroll; ++u) keep_better(best, index, v[u], i + u * kArgmaxThreads);
   }
-  for (; i < hi; i += kArgmaxThreads) keep_better(best, index, l[i], i);
+  for (; i < hi; i += kArgmaxThreads) keep_better(best, index, __ldcg(l + i), i);
   const ArgmaxCandidate mine = block_best(best, index);
 
   // The last block of the row to finish picks among the blocks' candidates (release by each
