@@ -62,6 +62,45 @@ TEST_CASE("rmsnorm_cuda matches rmsnorm_ref, every output type, with a row list"
   }
 }
 
+TEST_CASE("residual_rmsnorm_cuda adds a split product's parts and normalizes like its twin") {
+  DEN_SKIP_WITHOUT_GPU();
+  std::mt19937 rng(36);
+  for (DType t : {DType::f32, DType::bf16}) {
+    // 37 and 1002 take the generic kernel, 4096 and 8192 the register one; 1 to 5 parts.
+    for (auto [n, n_parts] : {std::pair<int64_t, int32_t>{37, 3}, {1002, 1}, {4096, 4}, {4096, 2}, {8192, 5}}) {
+      for (bool normed : {true, false}) {
+        const int64_t rows = 33;
+        const auto x = test::random_floats(rng, static_cast<size_t>(rows * n), 2.0f);
+        const auto parts = test::random_floats(rng, static_cast<size_t>(n_parts * rows * n), 2.0f);
+        const auto w = test::random_floats(rng, static_cast<size_t>(n));
+        auto ref_x = x;
+        std::vector<float> ref_y(x.size());
+        kernels::residual_rmsnorm_ref(parts.data(), n_parts, ref_x.data(), normed ? w.data() : nullptr, ref_y.data(),
+                                      rows, n, 1e-5f);
+        const auto dx = test::to_device(x), dparts = test::to_device(parts), dw = test::to_device(w);
+        kernels::DeviceBuffer dy(x.size() * 4);
+        kernels::check(cudaMemset(dy.get(), 0xff, dy.bytes()));  // NaN: every element must be written
+        kernels::residual_rmsnorm_cuda(dparts.as<float>(), n_parts, const_cast<float*>(dx.as<float>()),
+                                       normed ? dw.as<float>() : nullptr, dy.get(), t, rows, n, 1e-5f, nullptr);
+        const std::string what = std::string(kernels::dtype_name(t)) + " n=" + std::to_string(n) +
+                                 " parts=" + std::to_string(n_parts) + (normed ? "" : " (add only)");
+        // The residual rows are the same sums in the same order: exact.
+        const auto got_x = test::to_host<float>(dx, x.size());
+        CHECK_MESSAGE(got_x == ref_x, what);
+        if (normed) {
+          test::check_close(test::compare(device_floats(dy, x.size(), t), ref_y), bound_for(t), "residual_rmsnorm " + what);
+        } else {
+          const auto untouched = test::to_host<uint32_t>(dy, x.size());
+          CHECK_MESSAGE(std::all_of(untouched.begin(), untouched.end(), [](uint32_t v) { return v == 0xffffffffu; }),
+                        what);
+        }
+      }
+    }
+  }
+  CHECK_THROWS_AS(kernels::residual_rmsnorm_cuda(nullptr, 0, nullptr, nullptr, nullptr, DType::f32, 1, 4, 1e-5f, nullptr),
+                  std::invalid_argument);
+}
+
 TEST_CASE("embedding_gather_cuda matches embedding_gather_ref") {
   DEN_SKIP_WITHOUT_GPU();
   std::mt19937 rng(32);
@@ -169,7 +208,7 @@ struct DeviceBatch {
 
 }  // namespace
 
-TEST_CASE("qkv_rope_store_cuda matches its CPU twin: Q, and K/V in the right pages") {
+TEST_CASE("qkv_rope_store_cuda matches its CPU twin: Q, and K/V in the right pages, from a product in parts") {
   DEN_SKIP_WITHOUT_GPU();
   std::mt19937 rng(34);
   for (auto [style, n_rot] : {std::pair{kernels::RopeStyle::interleaved, 64}, std::pair{kernels::RopeStyle::neox, 32}}) {
@@ -178,7 +217,10 @@ TEST_CASE("qkv_rope_store_cuda matches its CPU twin: Q, and K/V in the right pag
     PagedSetup setup(layout, {0, 30, 7}, {37, 31, 1002 / 16}, rng);
     DeviceBatch db(setup);
     const auto n_tokens = static_cast<int64_t>(db.token_seq.size());
-    const auto qkv = test::random_floats(rng, static_cast<size_t>(n_tokens * shape.row()), 2.0f);
+    constexpr int32_t kParts = 3;
+    const auto qkv_parts = test::random_floats(rng, static_cast<size_t>(kParts * n_tokens * shape.row()), 2.0f);
+    std::vector<float> qkv(static_cast<size_t>(n_tokens * shape.row()));
+    for (size_t i = 0; i < qkv.size(); ++i) qkv[i] = (qkv_parts[i] + qkv_parts[qkv.size() + i]) + qkv_parts[2 * qkv.size() + i];
     const auto bias = test::random_floats(rng, static_cast<size_t>(shape.row()));
     const auto inv_freq = kernels::rope_inverse_frequencies(n_rot, 10000.0f, {});
     for (DType t : {DType::f32, DType::bf16}) {
@@ -198,10 +240,12 @@ TEST_CASE("qkv_rope_store_cuda matches its CPU twin: Q, and K/V in the right pag
       // GPU: device pool of NaN.
       kernels::DeviceBuffer pool(setup.pool_elements() * kernels::dtype_bytes(t));
       kernels::check(cudaMemset(pool.get(), 0xff, pool.bytes()));
-      const auto dqkv = test::to_device(qkv), dbias = test::to_device(bias), dfreq = test::to_device(inv_freq);
+      // The product arrives in 3 parts (a split cuBLAS product) on the GPU; the host summed them in
+      // the same order into the twin's input.
+      const auto dqkv = test::to_device(qkv_parts), dbias = test::to_device(bias), dfreq = test::to_device(inv_freq);
       kernels::DeviceBuffer q_out(ref_q.size() * 4);
       kernels::qkv_rope_store_cuda(dqkv.as<float>(), dbias.as<float>(), shape, dfreq.as<float>(),
-                                   {pool.get(), setup.n_blocks, l}, db.batch, 1, q_out.get(), t, nullptr);
+                                   {pool.get(), setup.n_blocks, l}, db.batch, 1, q_out.get(), t, nullptr, kParts);
       test::check_close(test::compare(device_floats(q_out, ref_q.size(), t), ref_q), bound_for(t),
                         "qkv_rope_store q " + std::string(kernels::dtype_name(t)));
       // Every K/V element written on the CPU is written alike on the GPU; untouched ones stay NaN.

@@ -30,9 +30,11 @@ void qkv_rope_store_ref(float* qkv, const float* bias, const QkvShape& shape, co
                         const PagedKvView& kv, const PagedSequence* sequences, const int32_t* token_seq,
                         const int32_t* token_pos, int64_t n_tokens, int32_t layer, float* q_out);
 
-// Device version; q_out in q_type. inv_freq is a device array.
+// Device version; q_out in q_type. inv_freq is a device array. qkv may hold the product in
+// n_parts parts (over slices of its inputs: [n_parts, n_tokens, row]), summed in order first,
+// as the twin's input would be by the host.
 void qkv_rope_store_cuda(const float* qkv, const float* bias, const QkvShape& shape, const float* inv_freq,
                          const PagedKvView& kv, const PagedBatch& batch, int32_t layer, void* q_out, DType q_type,
-                         CudaStream stream);
+                         CudaStream stream, int32_t n_parts = 1);
 
 }  // namespace den::kernels
