@@ -1,7 +1,8 @@
 // Fused bias + RoPE + KV store on the GPU: one block per (new token, head of Q, K or V), one
 // thread per element (which first sums the product's parts when it came in parts). Launched
-// chained (pdl.cuh), so decode attention's prologue overlaps it. Angles are formed in float exactly as rope_ref forms them; sincosf is the
-// accurate variant (not __sincosf), so the twin agrees to rounding.
+// chained (pdl.cuh), so decode attention's prologue overlaps it. Angles are formed in float
+// exactly as rope_ref forms them; sincosf is the accurate variant (not __sincosf), so the twin
+// agrees to rounding.
 #include <stdexcept>
 
 #include "den/kernels/cuda_check.h"

@@ -122,6 +122,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Rows the register kernel holds: a multiple of 4 floats, up to 8 float4 a thread.
+bool quads_fit(int64_t n) { return n % 4 == 0 && n / 4 <= int64_t{8} * kThreads; }
+
 template <bool RESIDUAL>
 void launch_rmsnorm(const float* x, const float* weight, void* y, DType y_type, const int32_t* rows, int64_t n_rows,
                     int64_t n, float eps, const ResidualParts& residual, cudaStream_t stream) {
@@ -130,7 +133,7 @@ void launch_rmsnorm(const float* x, const float* weight, void* y, DType y_type, 
                        (weight == nullptr || reinterpret_cast<uintptr_t>(weight) % 16 == 0) &&
                        reinterpret_cast<uintptr_t>(residual.parts) % 16 == 0;
   // The register kernel holds every part's pieces: up to 4 parts (more take the generic one).
-  if (n % 4 == 0 && per_thread <= 8 && aligned && residual.n_parts <= 4) {
+  if (quads_fit(n) && aligned && residual.n_parts <= 4) {
     dispatch_dtype(y_type, [&](auto t) {
       using T = decltype(t);
       dispatch_count_1_to_8(static_cast<int32_t>(per_thread), "rmsnorm: pieces per thread", [&](auto p_tag) {
@@ -166,7 +169,7 @@ void rmsnorm_cuda(const float* x, const float* weight, void* y, DType y_type, co
   launch_rmsnorm<false>(x, weight, y, y_type, rows, n_rows, n, eps, ResidualParts{}, stream);
 }
 
-bool residual_rmsnorm_fast(int64_t n) { return n % 4 == 0 && n / 4 <= int64_t{8} * kThreads; }
+bool residual_rmsnorm_fast(int64_t n) { return quads_fit(n); }
 
 void residual_rmsnorm_cuda(const float* parts, int32_t n_parts, float* x, const float* weight, void* y, DType y_type,
                            int64_t n_rows, int64_t n, float eps, CudaStream stream) {
