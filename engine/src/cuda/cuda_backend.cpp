@@ -2,8 +2,8 @@
 // cuBLAS (fused Q/K/V and gate/up matrices, fp32 accumulation, the residual added by beta = 1,
 // or few-token products in parts that the next kernel sums: split_parts), or, on single-token
 // steps, to the fused GEMV kernels; the rest are den::kernels CUDA kernels, each tested against
-// its CPU twin. Logits stay on the
-// device; only the rows a caller asked for, or the sampled token ids, come back.
+// its CPU twin. Logits stay on the device; only the rows a caller asked for, or the sampled
+// token ids, come back.
 #include <cuda_runtime.h>
 
 #include <algorithm>
