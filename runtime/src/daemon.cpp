@@ -2,6 +2,7 @@
 #include "den/runtime/daemon.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/file.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -9,11 +10,15 @@
 #include <boost/asio.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <csignal>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <future>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "den/engine/backend.h"
 #include "den/engine/cuda_device.h"
@@ -97,11 +102,80 @@ PoolSizes choose_pool_sizes(const DaemonConfig& config, const std::string& backe
 
 void notify_systemd(const std::string& state) { sd_notify(0, state.c_str()); }
 
+// The daemon's SIGTERM, SIGINT and SIGHUP: blocked from the start of run_daemon in the calling
+// thread and so in every thread it starts (they inherit the mask), and taken by one thread with
+// sigwait(), so no signal can reach a thread that has no use for it and end the process by its
+// default action. Until hold() (just before the socket listens), SIGTERM and SIGINT end the
+// process at once, as their default action would: nothing is acknowledged yet, and stopping
+// mid-start is what a crash at any instant already is. From hold() signals wait in order for
+// set_handler(), which takes them and every later one.
+class SignalThread {
+ public:
+  SignalThread() {
+    sigemptyset(&set_);
+    for (const int s : {SIGTERM, SIGINT, SIGHUP, kWake}) sigaddset(&set_, s);
+    pthread_sigmask(SIG_BLOCK, &set_, nullptr);
+    thread_ = std::thread([this] { take(); });
+  }
+  ~SignalThread() {
+    stopping_ = true;
+    pthread_kill(thread_.native_handle(), kWake);
+    thread_.join();
+    pthread_sigmask(SIG_UNBLOCK, &set_, nullptr);
+  }
+  SignalThread(const SignalThread&) = delete;
+  SignalThread& operator=(const SignalThread&) = delete;
+
+  void hold() {
+    std::lock_guard lock(mutex_);
+    holding_ = true;
+  }
+  // The held signals, then every later one, go to `handler`, called on the signal thread.
+  void set_handler(std::function<void(int)> handler) {
+    std::lock_guard lock(mutex_);
+    handler_ = std::move(handler);
+    for (const int sig : held_) handler_(sig);
+    held_.clear();
+  }
+
+ private:
+  static constexpr int kWake = SIGUSR2;  // ends take() from the destructor
+
+  void take() {
+    for (;;) {
+      int sig = 0;
+      if (sigwait(&set_, &sig) != 0) continue;
+      if (stopping_) return;
+      if (sig == kWake) continue;
+      std::lock_guard lock(mutex_);
+      if (handler_) {
+        handler_(sig);
+      } else if (holding_) {
+        held_.push_back(sig);
+      } else if (sig == SIGHUP) {
+        log_info("SIGHUP during start-up: nothing to reload yet");
+      } else {
+        log_info(sig == SIGTERM ? "SIGTERM during start-up: exiting" : "SIGINT during start-up: exiting");
+        std::_Exit(128 + sig);
+      }
+    }
+  }
+
+  sigset_t set_{};
+  std::thread thread_;
+  std::atomic<bool> stopping_{false};
+  std::mutex mutex_;
+  std::function<void(int)> handler_;
+  bool holding_ = false;
+  std::vector<int> held_;
+};
+
 }  // namespace
 
 int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& reload) {
   set_log_level(config.log_level);
   std::signal(SIGPIPE, SIG_IGN);
+  SignalThread signal_thread;  // first: before any other thread starts
   // Tests of crash safety arm failpoints through the environment (memory/failpoints.h).
   const std::vector<std::string> failpoints = memory::arm_failpoints_from_env();
   if (!failpoints.empty()) {
@@ -109,7 +183,6 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
     for (const std::string& name : failpoints) names += (names.empty() ? "" : ",") + name;
     log_warn("failpoints armed from DEN_FAILPOINTS: this daemon will crash or fail on purpose", {{"failpoints", names}});
   }
-  // Signals are taken by the signal_set below; block them until it exists.
   const std::filesystem::path state_dir = state_directory(config.state_dir);
   std::filesystem::create_directories(state_dir);
   std::filesystem::permissions(state_dir, std::filesystem::perms::owner_all, std::filesystem::perm_options::replace);
@@ -158,6 +231,7 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
   boost::asio::io_context io;
   Service service(config, *model, *backend, sessions, backend_name);
   const std::string socket = socket_path(config.socket);
+  signal_thread.hold();  // a client that sees the socket may signal at once
   Server server(io, service, socket, config.limits);
   service.server_stats = [&server] { return server.stats(); };
   const std::string tools_socket = tools_socket_path(config, socket);
@@ -173,10 +247,8 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
   auto request_stop = [&] { std::call_once(stop_once, [&] { stop_promise.set_value(); }); };
   service.on_shutdown_request = [&] { request_stop(); };
 
-  boost::asio::signal_set signals(io, SIGTERM, SIGINT, SIGHUP);
   DaemonConfig running = config;
-  std::function<void(const boost::system::error_code&, int)> on_signal = [&](const boost::system::error_code& ec, int sig) {
-    if (ec) return;
+  auto on_signal = [&](int sig) {
     if (sig == SIGHUP) {
       if (!reload) {
         log_info("SIGHUP: no configuration file to reload (started without --config)");
@@ -201,9 +273,9 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
       log_info(sig == SIGTERM ? "SIGTERM: shutting down" : "SIGINT: shutting down");
       request_stop();
     }
-    signals.async_wait(on_signal);
   };
-  signals.async_wait(on_signal);
+  // The reload runs on an io thread, as the signal_set's handler did.
+  signal_thread.set_handler([&](int sig) { boost::asio::post(io, [&on_signal, sig] { on_signal(sig); }); });
 
   server.start();
   // Several io threads, each connection on a strand: a client that floods the socket keeps at
@@ -226,6 +298,11 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
   notify_systemd("READY=1\nSTATUS=listening on " + socket);
 
   stop_promise.get_future().wait();
+  // Signals from here on find the shutdown under way; the handler above points at objects that
+  // end before the signal thread does.
+  signal_thread.set_handler([](int sig) {
+    log_info(std::string(strsignal(sig)) + ": already shutting down");
+  });
 
   // Shutdown: no new connections or requests, generations cancelled and answered, then every
   // session's KV and history written.

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <sstream>
 #include <thread>
 
@@ -599,6 +600,25 @@ TEST_CASE("daemon tells systemd it is ready and stopping") {
   ::close(fd);
   CHECK(received.find("READY=1") != std::string::npos);
   CHECK(received.find("STOPPING=1") != std::string::npos);
+}
+
+// A signal sent the moment the socket file appears (before the daemon accepts, and before it
+// has told systemd it is ready) is held until the daemon can take it: a clean shutdown with
+// exit code 0, never the signal's default action.
+TEST_CASE("daemon shuts down cleanly on a SIGTERM sent as soon as its socket appears") {
+  DEN_SKIP_UNLESS(file_exists(stories_model()), "stories260K is not in ../shared/models");
+  for (int round = 0; round < 3; ++round) {
+    DaemonProcess daemon(stories_daemon_args(), false);
+    const auto deadline = std::chrono::steady_clock::now() + DaemonProcess::kReadyTimeout;
+    while (!std::filesystem::exists(daemon.socket_path()) && daemon.running() &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    REQUIRE(std::filesystem::exists(daemon.socket_path()));
+    daemon.kill(SIGTERM);
+    CHECK(daemon.wait_exit() == 0);
+    CHECK(daemon.log().find("SIGTERM: shutting down") != std::string::npos);
+  }
 }
 
 TEST_CASE("daemon logs each answer to a session change at debug level, and none at info") {
