@@ -117,11 +117,12 @@ class SignalThread {
     pthread_sigmask(SIG_BLOCK, &set_, nullptr);
     thread_ = std::thread([this] { take(); });
   }
+  // The signals stay blocked: one arriving now would otherwise end the process by its default
+  // action on the way out, instead of the exit code run_daemon returns.
   ~SignalThread() {
     stopping_ = true;
     pthread_kill(thread_.native_handle(), kWake);
     thread_.join();
-    pthread_sigmask(SIG_UNBLOCK, &set_, nullptr);
   }
   SignalThread(const SignalThread&) = delete;
   SignalThread& operator=(const SignalThread&) = delete;
