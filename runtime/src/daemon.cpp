@@ -275,7 +275,7 @@ int run_daemon(const DaemonConfig& config, const std::function<DaemonConfig()>& 
       request_stop();
     }
   };
-  // The reload runs on an io thread, as the signal_set's handler did.
+  // Handled on an io thread: the reload changes the server and the service.
   signal_thread.set_handler([&](int sig) { boost::asio::post(io, [&on_signal, sig] { on_signal(sig); }); });
 
   server.start();
